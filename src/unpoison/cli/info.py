@@ -1,0 +1,33 @@
+"""``unpoison info DATA``: format, shapes, classes, per-class counts, value range."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..data import load_dataset
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="describe a dataset", description=__doc__)
+    p.add_argument("data", help="dataset spec: a path, FORMAT:PATH, or a name such as fmnist")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ds = load_dataset(args.data, mmap=True)
+    d = ds.describe()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"source:   {d['source']}\nformat:   {d['format']}")
+    print(f"image:    {'x'.join(map(str, d['image_shape_hwc']))} (H x W x C)")
+    print(f"classes:  {d['num_classes']}: {', '.join(ds.classes[:20])}{' ...' if ds.num_classes > 20 else ''}")
+    for split in ("train", "test"):
+        if split in d:
+            s = d[split]
+            print(f"{split + ':':9} n={s['n']} dtype={s['dtype']} range={s['value_range']} "
+                  f"mmap={s['memory_mapped']}")
+            print(f"{'':9} per class: {s['per_class']}")
+    return 0

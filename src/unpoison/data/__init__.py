@@ -1,0 +1,113 @@
+"""Datasets: one in-memory form (:class:`ImageDataset`), safe loaders and atomic writers.
+
+A dataset is named by a *spec* wherever one is expected:
+
+* a registered name: ``fmnist`` (Debian's ``/usr/share/datasets/fashion-mnist`` or
+  ``$UNPOISON_DATA/fashion-mnist``), ``mnist``, ``synthetic`` (tiny generated data);
+* ``FORMAT:PATH`` (``cifar10:~/data/cifar-10-batches-py``, ``npz:poisoned.npz``);
+* a plain path, whose format is detected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .._registry import Registry
+from ..errors import UserError
+from ..utils import atomic_path
+from . import formats  # noqa: F401  (registers the formats)
+from ._format import FORMATS, DatasetFormat
+from .dataset import ImageDataset
+from .synthetic import make_synthetic
+
+__all__ = ["ImageDataset", "load_dataset", "save_dataset", "FORMATS", "DATASETS", "DatasetFormat",
+           "make_synthetic", "detect_format"]
+
+#: named datasets: name -> callable(arg) returning an ImageDataset
+DATASETS: Registry[Callable[[str], ImageDataset]] = Registry("dataset")
+
+
+def _data_roots(sub: str) -> list[Path]:
+    roots = []
+    if os.environ.get("UNPOISON_DATA"):
+        roots.append(Path(os.environ["UNPOISON_DATA"]) / sub)
+    roots += [Path("/usr/share/datasets") / sub, Path.home() / ".cache" / "unpoison" / sub]
+    return roots
+
+
+def _named_idx(sub: str, label: str) -> Callable[[str], ImageDataset]:
+    def load(arg: str) -> ImageDataset:
+        if arg:
+            return FORMATS.get("idx").read(Path(arg).expanduser())
+        for root in _data_roots(sub):
+            if FORMATS.get("idx").detect(root):
+                return FORMATS.get("idx").read(root)
+        hint = ("install it with 'apt-get install dataset-fashion-mnist'" if sub == "fashion-mnist"
+                else f"put the IDX files in $UNPOISON_DATA/{sub}")
+        raise UserError(f"{label} not found in {', '.join(map(str, _data_roots(sub)))}; {hint}")
+
+    return load
+
+
+DATASETS.register("fmnist", "Fashion-MNIST (Debian dataset-fashion-mnist or $UNPOISON_DATA)")(
+    _named_idx("fashion-mnist", "Fashion-MNIST"))
+DATASETS.register("mnist", "MNIST IDX files in $UNPOISON_DATA/mnist")(_named_idx("mnist", "MNIST"))
+DATASETS.register("synthetic", "generated data: synthetic:n=512,size=16,channels=3,classes=4,seed=0")(
+    lambda arg: make_synthetic(**_kv(arg)))
+_ALIASES = {"fashion-mnist": "fmnist", "fashionmnist": "fmnist"}
+
+
+def _kv(arg: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, arg.split(",")):
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise UserError(f"bad synthetic option {part!r}; expected key=integer") from None
+    return out
+
+
+def detect_format(path: Path) -> DatasetFormat:
+    for name in FORMATS:
+        fmt = FORMATS.get(name)
+        if fmt.detect(path):
+            return fmt
+    raise UserError(f"unknown dataset format (known: {', '.join(FORMATS.names())})", path)
+
+
+def load_dataset(spec: str | Path, mmap: bool = False, validate: bool = True) -> ImageDataset:
+    """Load a dataset from a spec (see module doc). Never executes code from the files.
+
+    ``mmap=True`` memory-maps images where the format allows it (``npy`` folders).
+    """
+    s = str(spec)
+    name, sep, arg = s.partition(":")
+    key = _ALIASES.get(name.lower(), name.lower())
+    if sep and key in FORMATS and not Path(s).exists():
+        path = Path(arg).expanduser()
+        if not path.exists():
+            raise UserError("no such file or directory", path)
+        ds = FORMATS.get(key).read(path, mmap=mmap)
+    elif key in DATASETS and not Path(s).exists():
+        ds = DATASETS.get(key)(arg)
+    else:
+        path = Path(s).expanduser()
+        if not path.exists():
+            raise UserError("no such file or directory", path)
+        ds = detect_format(path).read(path, mmap=mmap)
+    return ds.validate() if validate else ds
+
+
+def save_dataset(ds: ImageDataset, path: str | Path, format: str | None = None) -> Path:  # noqa: A002
+    """Write ``ds`` atomically (temporary sibling, then rename) in ``format`` (default: ds.format)."""
+    fmt = FORMATS.get(format or ds.format)
+    if not fmt.writable:
+        fmt = FORMATS.get("npz")
+    ds.validate()
+    path = Path(path).expanduser()
+    with atomic_path(path, is_dir=fmt.writes_dir) as tmp:
+        fmt.write(ds, tmp)
+    return path

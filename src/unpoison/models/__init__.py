@@ -1,0 +1,10 @@
+"""Models: classifiers behind one registry (``create_model``), and the purification auto-encoders.
+
+One file per architecture family (timm's layout); the machinery lives in ``_registry``/``_factory``.
+"""
+
+from . import densenet, mobilenet, resnet, small_cnn, vgg  # noqa: F401  (register)
+from ._factory import create_model, list_models
+from ._registry import MODELS
+
+__all__ = ["create_model", "list_models", "MODELS"]

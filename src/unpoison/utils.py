@@ -1,0 +1,187 @@
+"""Small shared machinery: device choice, seeding, atomic writes, manifests, PSNR."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU. Any explicit torch device string is honoured."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"bad --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA device is available")
+    return dev
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU generator for explicit sampling."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {
+        "unpoison": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(Exception):
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (Path, torch.device)):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return repr(o)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_json_default, sort_keys=False)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto ``final`` only if the block succeeds.
+
+    A crash or exception leaves ``final`` untouched (old content kept, or absent) and removes the
+    temporary. Directories are swapped in by rename too (the old one is removed after the swap).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp if is_dir else tmp / final.name
+    try:
+        yield target
+        if is_dir:
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(target, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(target, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, to_json(obj) + "\n")
+
+
+def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def manifest(command: str, config: dict[str, Any], seed: int, timings: dict[str, float],
+             **extra: Any) -> dict[str, Any]:
+    """The record every run writes: what ran, with which config, versions, seed and timings."""
+    return {
+        "command": command,
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": seed,
+        "config": config,
+        "versions": versions(),
+        "timings_s": timings,
+        **extra,
+    }
+
+
+def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """PSNR in dB between two uint8 (0..255) or float (0..1) image batches, over the whole batch."""
+    a_t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a)
+    b_t = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b)
+    scale = 255.0 if a_t.dtype == torch.uint8 else 1.0
+    mse = ((a_t.double() - b_t.double()) / scale).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+
+
+def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR (dB) of uint8 NHWC batches; inf where identical."""
+    d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
+    mse = (d**2).reshape(len(a), -1).mean(1)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(1.0 / mse)
+
+
+class Timer:
+    """Collects named wall-clock durations: ``with timer("train"): ...``."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def parse_fraction(text: str | float, what: str = "value") -> float:
+    """Parse ``8/255``, ``0.03`` or ``1`` to a float; bad text is a :class:`UserError`."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip()
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return float(num) / float(den)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"bad {what} {text!r}: expected a number or a fraction like 8/255") from None
