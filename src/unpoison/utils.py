@@ -121,9 +121,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
 
 
 def manifest(command: str, config: dict[str, Any], seed: int, timings: dict[str, float],

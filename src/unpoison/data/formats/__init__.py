@@ -1,3 +1,3 @@
 """Concrete dataset formats; importing this package registers them all (order = detection order)."""
 
-from . import npz, idx  # noqa: F401
+from . import idx, npz  # noqa: F401

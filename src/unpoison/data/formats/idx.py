@@ -28,7 +28,11 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (magic 0x0000TTNN, big-endian dims, then data); checks the length."""
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path) as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError) as e:
         raise UserError(f"cannot read IDX file ({e})", path) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:

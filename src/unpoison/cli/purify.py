@@ -1,0 +1,103 @@
+"""``unpoison purify IN OUT --method NAME``: purify a training split, write it and a report.
+
+The training split is purified; the test split is copied unchanged. OUT keeps IN's format unless
+``--format`` says otherwise and is written atomically. Beside OUT, ``OUT.report/`` holds
+``manifest.json`` (config, versions, seed, timings, PSNR per stage), ``grid.png`` (input / stages /
+output / amplified residual) and the purifier's arrays (e.g. D-VAE's stage-1 ``p_hat.npy``).
+Method parameters are flags generated from each purifier's ``PARAMS`` table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..data import load_dataset, save_dataset
+from ..defenses import DEFENSES, make_purifier
+from ..errors import UserError
+from ..utils import Timer, manifest, psnr, save_npy_atomic, write_json
+from ..viz import residual_image, save_image_grid
+from ._common import add_device_seed, add_format, add_quiet
+
+#: flags handled here, never generated from PARAMS
+_COMMON = {"device", "seed", "progress", "checkpoint_dir", "resume"}
+
+
+def _param_flags() -> dict[str, tuple[type, str]]:
+    """Union of all purifiers' PARAMS: name -> (type, help listing which methods use it)."""
+    flags: dict[str, tuple[type, list[str], str]] = {}
+    for name in DEFENSES:
+        for key, (typ, default, help_) in DEFENSES.get(name).PARAMS.items():
+            if key in _COMMON:
+                continue
+            t, users, h = flags.get(key, (typ, [], help_))
+            users.append(f"{name}: default {default}")
+            flags[key] = (t, users, h)
+    return {k: (t, f"{h} ({'; '.join(u)})") for k, (t, u, h) in flags.items()}
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="purify a (poisoned) training set", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="dataset spec to purify")
+    p.add_argument("output", help="where to write the purified dataset")
+    p.add_argument("--method", default="dvae", choices=DEFENSES.names(), help="purifier (default dvae)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    add_format(p)
+    add_device_seed(p)
+    add_quiet(p)
+    for key, (typ, help_) in sorted(_param_flags().items()):
+        kw: dict[str, Any] = {"default": None, "help": help_}
+        if typ is bool:
+            kw["type"] = lambda s: s.lower() in ("1", "true", "yes", "on")
+            kw["metavar"] = "BOOL"
+        else:
+            kw["type"] = typ
+        p.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
+    p.set_defaults(func=run)
+
+
+def report_dir(output: str | Path) -> Path:
+    out = Path(output)
+    return out.with_name(out.name + ".report")
+
+
+def run(args: argparse.Namespace) -> int:
+    timer = Timer()
+    with timer("load"):
+        ds = load_dataset(args.input)
+    cls = DEFENSES.get(args.method)
+    accepted = cls.PARAMS
+    given = {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    unused = sorted(set(given) - set(accepted))
+    if unused:
+        raise UserError(f"--method {args.method} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
+    params: dict[str, Any] = dict(given)
+    common = {"device": args.device, "seed": args.seed, "progress": not args.quiet}
+    params.update({k: v for k, v in common.items() if k in cls.COMMON})
+    rdir = report_dir(args.output)
+    if cls.supports_checkpoint:
+        params["checkpoint_dir"] = str(rdir / "checkpoints")
+        params["resume"] = args.resume
+    elif args.resume:
+        raise UserError(f"--method {args.method} has nothing to resume (it does not checkpoint)")
+    purifier = make_purifier(args.method, **params)
+    with timer("purify"):
+        x_out = purifier.fit_purify(ds.x_train, ds.y_train)
+    out_ds = ds.replace(x_train=x_out)
+    with timer("write"):
+        save_dataset(out_ds, args.output, args.format)
+    stats = {"psnr_input_output": psnr(ds.x_train, x_out), **purifier.info_}
+    for k, arr in purifier.extras_.items():
+        save_npy_atomic(rdir / f"{k}.npy", arr)
+    rows = {"input": ds.x_train, **purifier.stages_, "output": x_out,
+            "residual (amplified)": residual_image(ds.x_train, x_out)}
+    save_image_grid(rows, rdir / "grid.png", title=f"{args.method}: PSNR {stats['psnr_input_output']:.2f} dB")
+    cfg = {"method": args.method, "params": purifier.get_params(), "input": args.input, "output": args.output,
+           "format": args.format or ds.format}
+    write_json(rdir / "manifest.json", manifest("purify", cfg, args.seed, timer.times, stats=stats,
+                                                 n_train=int(len(ds.x_train))))
+    print(f"purified {len(x_out)} images with {args.method}: PSNR(input, output) = "
+          f"{stats['psnr_input_output']:.2f} dB; wrote {args.output} and {rdir}/")
+    return 0
