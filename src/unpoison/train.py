@@ -80,7 +80,7 @@ def to_device_images(x: np.ndarray, device: torch.device, chunk: int = 8192) -> 
     """uint8 NHWC numpy (maybe memory-mapped) -> uint8 NCHW tensor on ``device``, in chunks."""
     out = torch.empty((len(x), x.shape[3], x.shape[1], x.shape[2]), dtype=torch.uint8, device=device)
     for i in range(0, len(x), chunk):
-        out[i:i + chunk] = torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).to(device).permute(0, 3, 1, 2)
+        out[i:i + chunk] = torch.from_numpy(np.array(x[i:i + chunk])).to(device).permute(0, 3, 1, 2)  # copy: mmap-safe
     return out
 
 

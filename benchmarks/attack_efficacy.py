@@ -1,0 +1,154 @@
+"""Efficacy of the eight attacks on Fashion-MNIST: clean test accuracy after training on each poisoned set.
+
+Protocol: a stratified subset of Fashion-MNIST (``--n-train``/``--n-test``), every attack at its
+paper bound (l_inf 8/255; l2 1.0 at CIFAR size = 0.505 at 28x28x1; l0 1 pixel) with the attack's
+``cpu`` preset (smallcnn surrogate, few rounds), 100% of the training split poisoned; then the
+scoring protocol (``unpoison.evaluate.evaluate`` with ``TrainConfig.preset("cpu")``: smallcnn,
+15 epochs, last-epoch accuracy) trains on each poisoned set and scores on the clean test subset.
+Target: every attack lowers accuracy by >= 40 points vs the clean baseline.
+
+Writes ``docs/results/attacks.md`` (table + settings) and ``attacks.json`` beside it; each poisoned
+set is saved as ``CACHE/<attack>.npz`` (plus ``<attack>.json``, the attack's info) so the defense
+benchmark can reuse them; ``--reuse`` loads existing cache files instead of re-crafting.
+
+    python benchmarks/attack_efficacy.py --n-train 2000 --n-test 2000 --cache-dir cache/attacks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unpoison.attacks import ATTACKS, make_attack
+from unpoison.data import load_dataset, save_dataset
+from unpoison.evaluate import evaluate
+from unpoison.train import TrainConfig
+from unpoison.utils import manifest, psnr, write_json, write_text_atomic
+
+ORDER = ["ntga", "em", "tap", "rem", "sep", "lsp", "ar", "ops"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fmnist", help="dataset spec (default fmnist)")
+    p.add_argument("--n-train", type=int, default=2000, help="training subset size (stratified)")
+    p.add_argument("--n-test", type=int, default=2000, help="test subset size (stratified)")
+    p.add_argument("--attacks", default=",".join(ORDER), help="comma-separated attacks")
+    p.add_argument("--attack-preset", default="cpu", choices=["cpu", "paper"])
+    p.add_argument("--epochs", type=int, default=None, help="override the cpu preset's 15 epochs (smoke runs)")
+    p.add_argument("--model", default=None, help="override the scoring model (default smallcnn)")
+    p.add_argument("--surrogate", default=None, help="override the attacks' surrogate (default per preset)")
+    p.add_argument("--cache-dir", default="cache/attacks", help="where poisoned sets (npz) are saved")
+    p.add_argument("--reuse", action="store_true", help="reuse poisoned sets already in --cache-dir")
+    p.add_argument("--out", default="docs/results/attacks.md")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    for n in names:
+        ATTACKS.get(n)  # unknown name -> UserError before any work
+    t_all = time.perf_counter()
+    ds = load_dataset(args.dataset).subset(args.n_train, args.n_test, seed=args.seed)
+    cfg = TrainConfig.preset("cpu", epochs=args.epochs, model=args.model)
+    cfg.eval_every = cfg.epochs  # only the last epoch counts (the paper's rule); saves test passes
+    cache = Path(args.cache_dir)
+    rows: list[dict] = []
+
+    def score(train_ds, desc: str) -> dict:
+        t0 = time.perf_counter()
+        r = evaluate(train_ds, ds, cfg, seed=args.seed, device=args.device, progress=not args.quiet, desc=desc)
+        return {"acc": r["final_acc"], "best_acc": r["best_acc"], "train_s": time.perf_counter() - t0}
+
+    clean = score(ds, "clean")
+    print(f"clean: {clean['acc']:.2f}% ({clean['train_s']:.0f} s)", flush=True)
+    rows.append({"attack": "clean", **clean})
+    for name in names:
+        path = cache / f"{name}.npz"
+        t0 = time.perf_counter()
+        if args.reuse and path.exists():
+            pois = load_dataset(path)
+            info = json.loads((cache / f"{name}.json").read_text()) if (cache / f"{name}.json").exists() else {}
+            if pois.x_train.shape != ds.x_train.shape or not np.array_equal(pois.y_train, ds.y_train):
+                raise SystemExit(f"{path} does not match this subset; run without --reuse")
+        else:
+            params = {"preset": args.attack_preset}
+            if args.surrogate and "surrogate" in ATTACKS.get(name).PARAMS:
+                params["surrogate"] = args.surrogate
+            res = make_attack(name, seed=args.seed, device=args.device, progress=not args.quiet,
+                              **params).poison(ds.x_train, ds.y_train)
+            pois = ds.replace(x_train=res.x, source=f"{args.dataset}+{name}")
+            info = res.info
+            save_dataset(pois, path, "npz")
+            write_json(cache / f"{name}.json", info)
+        craft_s = time.perf_counter() - t0
+        s = score(pois, name)
+        sur = next((info[k] for k in ("surrogate_acc_poisoned", "surrogate_acc") if k in info), None)
+        rows.append({"attack": name, **s, "craft_s": craft_s, "norm": info.get("norm"), "eps": info.get("eps"),
+                     "psnr": psnr(ds.x_train, pois.x_train), "surrogate_acc": sur,
+                     "drop": clean["acc"] - s["acc"]})
+        print(f"{name}: {s['acc']:.2f}% (drop {clean['acc'] - s['acc']:.1f}; craft {craft_s:.0f} s, "
+              f"train {s['train_s']:.0f} s)", flush=True)
+    total = time.perf_counter() - t_all
+    write_report(args, ds, cfg, rows, total)
+    return 0
+
+
+def _eps_text(norm: str | None, eps: float | None) -> str:
+    if eps is None:
+        return ""
+    if norm == "linf":
+        return f"l_inf {eps * 255:.0f}/255"
+    if norm == "l2":
+        return f"l2 {eps:.3f}"
+    return f"l0 {eps:.0f} px"
+
+
+def write_report(args: argparse.Namespace, ds, cfg: TrainConfig, rows: list[dict], total: float) -> None:
+    out = Path(args.out)
+    clean = rows[0]["acc"]
+    lines = [
+        "# Attack efficacy (Fashion-MNIST subset, CPU presets)",
+        "",
+        f"Generated by `python {' '.join(sys.argv)}` in {total / 60:.1f} min.",
+        "",
+        f"- data: {args.dataset}, stratified subset n_train={len(ds.x_train)}, n_test={len(ds.x_test)} "
+        f"(seed {args.seed}), 100% of the training split poisoned",
+        f"- attacks: `{args.attack_preset}` preset; bounds: paper defaults (l2 scaled by sqrt(784/3072))",
+        f"- scoring: `evaluate` with TrainConfig.preset(\"cpu\") = {cfg.model}, {cfg.epochs} epochs, batch "
+        f"{cfg.batch_size}, lr {cfg.lr}, crop pad {cfg.crop_pad}, flip {cfg.flip}; last-epoch clean test accuracy",
+        "- target: accuracy drop >= 40 points vs clean",
+        "",
+        "| attack | bound | PSNR (dB) | surrogate acc on poison (%) | test acc (%) | drop (pts) | >= 40? "
+        "| craft (s) | train (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| clean | - | - | - | {clean:.2f} | - | - | - | {rows[0]['train_s']:.0f} |",
+    ]
+    for r in rows[1:]:
+        sur = "-" if r["surrogate_acc"] is None else f"{r['surrogate_acc']:.1f}"
+        lines.append(f"| {r['attack'].upper()} | {_eps_text(r['norm'], r['eps'])} | {r['psnr']:.2f} | {sur} | "
+                     f"{r['acc']:.2f} | {r['drop']:.1f} | {'yes' if r['drop'] >= 40 else '**no**'} | "
+                     f"{r['craft_s']:.0f} | {r['train_s']:.0f} |")
+    misses = [r["attack"].upper() for r in rows[1:] if r["drop"] < 40]
+    lines += ["", "Attacks below the 40-point target: " + (", ".join(misses) if misses else "none") + ".", ""]
+    write_text_atomic(out, "\n".join(lines))
+    write_json(out.with_suffix(".json"), manifest("benchmarks/attack_efficacy.py", vars(args), args.seed,
+                                                  {"total": total}, rows=rows))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

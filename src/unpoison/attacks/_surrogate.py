@@ -1,0 +1,218 @@
+"""Shared machinery of the surrogate-based attacks (EM, REM, TAP, SEP): one code path for CPU and CUDA.
+
+Images and the perturbation live on the device as float NCHW tensors; surrogates come from
+:func:`unpoison.models.create_model`; PGD steps in l_inf (sign) or l2 (normalised gradient);
+checkpoints are written atomically and read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..models import create_model
+from ..train import augment_batch
+from ..utils import atomic_path
+from .base import Attack, project, to_float_nchw
+
+#: parameters every surrogate attack takes
+SURROGATE_PARAMS: dict[str, tuple[type, Any, str]] = {
+    "surrogate": (str, "resnet18", "surrogate classifier (any registered model)"),
+    "batch_size": (int, 128, "batch size for surrogate training and noise updates"),
+    "lr": (float, 0.1, "surrogate SGD learning rate"),
+}
+
+
+class SurrogateAttack(Attack):
+    """Base of the surrogate attacks: data on device, model factory, PGD, checkpoints, progress."""
+
+    uses_surrogate: ClassVar[bool] = True
+    supports_checkpoint: ClassVar[bool] = True
+    #: parameters a resumed run may change (e.g. more rounds)
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"rounds", "stop_acc"})
+
+    # --- set-up ----------------------------------------------------------------------------------
+    def setup(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
+        self.x = to_float_nchw(x, self.device)
+        self.y = torch.as_tensor(y, device=self.device)
+        self.num_classes = num_classes
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(self.seed)
+        self.cpu_gen = torch.Generator().manual_seed(self.seed)
+
+    def new_model(self) -> nn.Module:
+        _, c, h, w = self.x.shape
+        return create_model(self.params["surrogate"], self.num_classes, c, max(h, w)).to(self.device)
+
+    def new_opt(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=lr or self.params["lr"], momentum=0.9, weight_decay=5e-4)
+
+    def batches(self, shuffle: bool = True) -> Iterator[torch.Tensor]:
+        n, bs = len(self.x), self.params["batch_size"]
+        order = torch.randperm(n, device=self.device, generator=self.gen) if shuffle else torch.arange(
+            n, device=self.device)
+        for i in range(0, n, bs):
+            yield order[i:i + bs]
+
+    def endless_batches(self) -> Iterator[torch.Tensor]:
+        while True:
+            yield from self.batches()
+
+    def step_size(self) -> float:
+        return self.params["step_frac"] * self.eps
+
+    def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=f"{self.name}: {desc}", disable=not self.progress,
+                    leave=False, dynamic_ncols=True)
+
+    # --- surrogate training ---------------------------------------------------------------------
+    def train_epochs(self, model: nn.Module, epochs: int, delta: torch.Tensor | None = None, augment: bool = True,
+                     on_epoch: Callable[[int, nn.Module], None] | None = None, desc: str = "train surrogate") -> float:
+        """Plain SGD + cosine schedule on ``x (+ delta)``; returns the last epoch's training accuracy (%)."""
+        opt = self.new_opt(model)
+        steps = epochs * math.ceil(len(self.x) / self.params["batch_size"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+        acc = 0.0
+        bar = self.bar(epochs, desc)
+        for ep in range(epochs):
+            model.train()
+            correct, loss_sum = 0, 0.0
+            for idx in self.batches():
+                xb = self.x[idx] if delta is None else (self.x[idx] + delta[idx]).clamp(0, 1)
+                if augment:
+                    xb = augment_batch(xb, 2 if xb.shape[-1] < 32 else 4, True, self.gen)
+                out = model(xb)
+                loss = F.cross_entropy(out, self.y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                correct += int((out.argmax(1) == self.y[idx]).sum())
+                loss_sum += float(loss.detach()) * len(idx)
+            acc = 100.0 * correct / len(self.x)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / len(self.x):.3f}", acc=f"{acc:.1f}")
+            if on_epoch is not None:
+                on_epoch(ep, model)
+        bar.close()
+        return acc
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, delta: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> float:
+        """Accuracy (%) of ``model`` on ``x (+ delta)`` against ``labels`` (default the true labels)."""
+        model.eval()
+        labels = self.y if labels is None else labels
+        correct = 0
+        for idx in self.batches(shuffle=False):
+            xb = self.x[idx] if delta is None else (self.x[idx] + delta[idx]).clamp(0, 1)
+            correct += int((model(xb).argmax(1) == labels[idx]).sum())
+        return 100.0 * correct / len(self.x)
+
+    @torch.no_grad()
+    def mean_loss(self, model: nn.Module, delta: torch.Tensor | None = None) -> float:
+        model.eval()
+        tot = 0.0
+        for idx in self.batches(shuffle=False):
+            xb = self.x[idx] if delta is None else (self.x[idx] + delta[idx]).clamp(0, 1)
+            tot += float(F.cross_entropy(model(xb), self.y[idx], reduction="sum"))
+        return tot / len(self.x)
+
+    # --- perturbation updates --------------------------------------------------------------------
+    def init_delta(self, random: bool = True) -> torch.Tensor:
+        if not random:
+            return torch.zeros_like(self.x)
+        u = torch.rand(self.x.shape, generator=self.cpu_gen).to(self.device) * 2 - 1
+        return self.clip_valid(project(u * self.eps if self.norm_used == "linf" else u, self.norm_used, self.eps),
+                               self.x)
+
+    def clip_valid(self, delta: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        """Keep x + delta inside [0, 1] (after projecting onto the norm ball, which this preserves)."""
+        return (xb + delta).clamp(0, 1) - xb
+
+    def pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, xb: torch.Tensor, step: float,
+                 descend: bool = True) -> torch.Tensor:
+        """One projected step on ``delta`` (descent by default): sign step (l_inf), normalised step (l2)."""
+        sgn = -1.0 if descend else 1.0
+        if self.norm_used == "linf":
+            delta = delta + sgn * step * grad.sign()
+        else:
+            g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = delta + sgn * step * g  # l2 step of length `step`
+        return self.clip_valid(project(delta, self.norm_used, self.eps), xb)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        params = {k: v for k, v in self.params.items() if k not in self.RESUMABLE}
+        key = {"attack": self.name, "eps": self.eps, "norm": self.norm_used, "params": params,
+               "seed": self.seed, "shape": list(self.x.shape),
+               "labels": hashlib.sha1(self.y.cpu().numpy().tobytes()).hexdigest()}
+        return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def ckpt_path(self) -> Path | None:
+        return None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / f"{self.name}.pt"
+
+    def save_ckpt(self, state: dict[str, Any]) -> None:
+        path = self.ckpt_path()
+        if path is None:
+            return
+        state = {**state, "fingerprint": self.fingerprint(), "torch_rng": torch.get_rng_state(),
+                 "gen_state": self.gen.get_state().cpu(), "cpu_gen_state": self.cpu_gen.get_state()}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    def load_ckpt(self) -> dict[str, Any] | None:
+        """The saved state if ``resume`` and a checkpoint of this very run exists; else ``None``."""
+        path = self.ckpt_path()
+        if path is None or not self.resume or not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise UserError(f"cannot read checkpoint: {type(e).__name__}: {e}", path) from None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint():
+            raise UserError("checkpoint belongs to a different run (data, attack or parameters differ); "
+                            "remove it or run without --resume", path)
+        torch.set_rng_state(state["torch_rng"])
+        self.gen.set_state(state["gen_state"])
+        self.cpu_gen.set_state(state["cpu_gen_state"])
+        return state
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The classifier head (last ``nn.Linear``), whose input is the penultimate feature."""
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not lin:
+        raise UserError(f"surrogate {type(model).__name__} has no linear head to take features from")
+    return lin[-1]
+
+
+class FeatureTap:
+    """Context manager recording the head's input (penultimate features) on every forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.head = last_linear(model)
+        self.feat: torch.Tensor | None = None
+
+    def __enter__(self) -> FeatureTap:
+        self.handle = self.head.register_forward_hook(lambda m, inp, out: setattr(self, "feat", inp[0]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def ensure(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)

@@ -1,0 +1,124 @@
+"""REM, robust error-minimizing noise (Fu et al., ICLR 2022): min over noise, min over model, max over rho.
+
+Like EM, but the surrogate is trained adversarially: each of its ``train_steps`` SGD steps is taken
+on ``aug(x + delta) + rho`` with ``rho`` an l_inf PGD attack of radius ``adv_radius`` (4/255,
+``adv_steps`` steps). The noise then minimises the loss at the *worst* ``rho`` (re-attacked every
+noise step), averaged over ``eot`` random augmentations (expectation over transformations). Stops at
+``stop_acc`` surrogate accuracy on the poisoned data (without rho) or after ``rounds``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..train import augment_batch
+from ._surrogate import SURROGATE_PARAMS, SurrogateAttack
+from .base import register_attack
+
+
+@register_attack("rem", "robust error-minimizing noise: EM against an adversarially trained surrogate (l_inf)")
+class REM(SurrogateAttack):
+    norm = "linf"
+    norms = ("linf", "l2")
+    default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
+    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
+        **SURROGATE_PARAMS,
+        "rounds": (int, 100, "most outer rounds"),
+        "train_steps": (int, 10, "adversarial surrogate SGD steps per round"),
+        "pgd_steps": (int, 20, "noise steps per round (every image)"),
+        "step_frac": (float, 0.1, "noise step as a fraction of eps"),
+        "adv_radius": (float, 4 / 255, "radius rho_a of the inner l_inf adversarial perturbation"),
+        "adv_steps": (int, 10, "PGD steps of the inner maximisation"),
+        "eot": (int, 5, "augmentation samples averaged per noise step"),
+        "stop_acc": (float, 99.0, "stop once the surrogate's accuracy on poisoned data exceeds this (%)"),
+    }
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {},
+        "cpu": {"surrogate": "smallcnn", "rounds": 4, "pgd_steps": 5, "step_frac": 0.25, "adv_steps": 2,
+                "eot": 1},
+    }
+
+    def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:
+        self.setup(x, y, num_classes)
+        self.pad = 2 if self.x.shape[-1] < 32 else 4
+        model = self.new_model()
+        opt = self.new_opt(model)
+        delta = self.init_delta()
+        start, history = 0, []
+        state = self.load_ckpt()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            delta = state["delta"].to(self.device)
+            start, history = int(state["round"]), [dict(zip(("loss", "acc"), h)) for h in state["history"].tolist()]
+        batches = self.endless_batches()
+        acc = history[-1]["acc"] if history else 0.0
+        bar = self.bar(self.params["rounds"], "rounds", initial=start)
+        t0 = time.perf_counter()
+        for rnd in range(start, self.params["rounds"]):
+            if acc > self.params["stop_acc"]:
+                break
+            for _ in range(self.params["train_steps"]):
+                idx = next(batches)
+                xb = augment_batch((self.x[idx] + delta[idx]).clamp(0, 1), self.pad, True, self.gen)
+                xa = xb + self.attack_rho(model, xb, self.y[idx])
+                model.train()
+                loss = F.cross_entropy(model(xa), self.y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            delta = self.minimize_noise(model, delta)
+            loss_p = self.mean_loss(model, delta)
+            acc = self.accuracy(model, delta)
+            history.append({"loss": loss_p, "acc": acc})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_p:.4f}", surrogate_acc=f"{acc:.1f}")
+            self.save_ckpt({"model": model.state_dict(), "opt": opt.state_dict(), "delta": delta.cpu(),
+                            "round": rnd + 1, "history": torch.tensor([[h["loss"], h["acc"]] for h in history])})
+        bar.close()
+        self.info_ = {"surrogate_acc_poisoned": acc, "rounds_run": len(history), "history": history,
+                      "surrogate_loss_clean": self.mean_loss(model), "timings_s_rounds": time.perf_counter() - t0}
+        return delta
+
+    def attack_rho(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The inner max: l_inf PGD of radius ``adv_radius`` against ``model`` (eval mode), detached."""
+        r = self.params["adv_radius"]
+        steps = self.params["adv_steps"]
+        if r <= 0 or steps <= 0:
+            return torch.zeros_like(xb)
+        model.eval()
+        xb = xb.detach()
+        rho = (torch.rand(xb.shape, device=xb.device, generator=self.gen) * 2 - 1) * r
+        step = 2.5 * r / steps
+        for _ in range(steps):
+            rho.requires_grad_(True)
+            loss = F.cross_entropy(model((xb + rho).clamp(0, 1)), yb)
+            (g,) = torch.autograd.grad(loss, rho)
+            rho = ((rho.detach() + step * g.sign()).clamp(-r, r) + xb).clamp(0, 1) - xb
+        return rho.detach()
+
+    def minimize_noise(self, model: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        step = self.step_size()
+        for idx in self.batches(shuffle=False):
+            xb, yb, db = self.x[idx], self.y[idx], delta[idx].clone()
+            for _ in range(self.params["pgd_steps"]):
+                grad = torch.zeros_like(db)
+                for _ in range(max(1, self.params["eot"])):
+                    # one shared crop/flip for the whole sum keeps the gradient aligned with delta's pixels
+                    db.requires_grad_(True)
+                    xa = augment_batch((xb + db).clamp(0, 1), self.pad, True, self.gen)
+                    rho = self.attack_rho(model, xa.detach(), yb)
+                    model.eval()
+                    loss = F.cross_entropy(model(xa + rho), yb)
+                    (g,) = torch.autograd.grad(loss, db)
+                    grad += g
+                    db = db.detach()
+                db = self.pgd_step(db, grad, xb, step, descend=True)
+            delta[idx] = db.detach()
+        return delta

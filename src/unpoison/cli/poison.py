@@ -1,0 +1,206 @@
+"""``unpoison poison IN OUT --attack NAME``: availability-poison a training split, write it and a report.
+
+The training split is poisoned (all of it, or an exact random fraction ``--ratio``: round(ratio*N)
+images); the test split is copied unchanged. OUT keeps IN's format unless ``--format`` says otherwise
+and is written atomically. ``OUT.report/`` holds ``perturbation.npy`` (int16, poisoned - clean, in
+grey levels), ``manifest.json`` (attack, bound, parameters, seed, surrogate accuracy, poisoned
+indices, timings) and ``grid.png``.
+
+Bounds: ``--eps`` in [0, 1] pixel units (``8/255``) for linf, per-image l2 quoted at CIFAR size
+(scaled by sqrt(d/3072) unless ``--no-scale-eps``), whole pixels for l0. Every bound is checked on
+the stored uint8 images; a run that breaks it writes nothing.
+
+``--from-perturbation FILE`` adds a released perturbation instead of crafting one: ``.npy``
+(loaded with allow_pickle=False) or ``.pt`` (a tensor, torch.load(weights_only=True)); shape
+N x H x W x C or N x C x H x W (or one pattern for all); float values are in [-1, 1] pixel units,
+integer values in grey levels. ``--norm``/``--eps`` (or ``--attack``'s defaults) give the bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..attacks import ATTACKS, PoisonResult, apply_perturbation, make_attack
+from ..attacks.base import check_eps
+from ..data import load_dataset, save_dataset
+from ..errors import UserError
+from ..utils import Timer, manifest, parse_fraction, psnr, save_npy_atomic, write_json
+from ..viz import residual_image, save_image_grid
+from ._common import add_device_seed, add_format, add_quiet
+
+#: handled by dedicated flags, never generated from PARAMS
+_COMMON = {"surrogate"}
+#: default bound per norm when no attack names one
+_DEFAULT_EPS = {"linf": 8 / 255, "l2": 1.0, "l0": 1.0}
+
+
+def _param_flags() -> dict[str, tuple[type, str]]:
+    flags: dict[str, tuple[type, list[str], str]] = {}
+    for name in ATTACKS:
+        for key, (typ, default, help_) in ATTACKS.get(name).PARAMS.items():
+            if key in _COMMON:
+                continue
+            t, users, h = flags.get(key, (typ, [], help_))
+            users.append(f"{name}: {default:.4g}" if isinstance(default, float) else f"{name}: {default}")
+            flags[key] = (t, users, h)
+    return {k: (t, f"{h} ({'; '.join(u)})") for k, (t, u, h) in flags.items()}
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="poison a training set with an availability attack", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="clean dataset spec")
+    p.add_argument("output", help="where to write the poisoned dataset")
+    p.add_argument("--attack", default=None, help=f"attack: {', '.join(ATTACKS.names())}")
+    p.add_argument("--eps", default=None, help="bound (default: the paper's for the attack): 8/255, 1.0, 1")
+    p.add_argument("--norm", default=None, choices=["linf", "l2", "l0"], help="norm (default: the attack's)")
+    p.add_argument("--no-scale-eps", action="store_true", help="take an l2 bound literally (no sqrt(d/3072))")
+    p.add_argument("--ratio", default="1.0", help="fraction of the training split to poison, in (0, 1]")
+    p.add_argument("--surrogate", default=None, help="surrogate model for EM/REM/TAP/SEP (default per preset)")
+    p.add_argument("--preset", default="paper", choices=["paper", "cpu"],
+                   help="paper: the original works' settings; cpu: small surrogate, few rounds")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.report/checkpoints")
+    p.add_argument("--from-perturbation", default=None, metavar="FILE",
+                   help="add this released perturbation (.npy/.pt) instead of crafting one")
+    add_format(p)
+    add_device_seed(p)
+    add_quiet(p)
+    for key, (typ, help_) in sorted(_param_flags().items()):
+        kw: dict[str, Any] = {"default": None, "help": help_}
+        if typ is bool:
+            kw["type"] = lambda s: s.lower() in ("1", "true", "yes", "on")
+            kw["metavar"] = "BOOL"
+        else:
+            kw["type"] = typ
+        p.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
+    p.set_defaults(func=run)
+
+
+def report_dir(output: str | Path) -> Path:
+    out = Path(output)
+    return out.with_name(out.name + ".report")
+
+
+def parse_ratio(text: str) -> float:
+    r = parse_fraction(text, "--ratio")
+    if not (0 < r <= 1) or not math.isfinite(r):
+        raise UserError(f"--ratio must be in (0, 1], got {text}")
+    return r
+
+
+def load_perturbation(path: str | Path) -> np.ndarray:
+    """A perturbation array from ``.npy`` (no pickles) or ``.pt`` (weights_only); UserError otherwise."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError("no such file", path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix in (".pt", ".pth"):
+            import torch
+
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and len(obj) == 1:
+                obj = next(iter(obj.values()))
+            if not isinstance(obj, torch.Tensor):
+                raise UserError(f"expected a tensor, found {type(obj).__name__}", path)
+            arr = obj.float().numpy() if obj.is_floating_point() else obj.numpy()
+        else:
+            raise UserError("perturbation must be a .npy or .pt file", path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"cannot read perturbation: {type(e).__name__}: {e}", path) from None
+    return np.asarray(arr)
+
+
+def run(args: argparse.Namespace) -> int:
+    timer = Timer()
+    ratio = parse_ratio(args.ratio)
+    if args.attack is None and args.from_perturbation is None:
+        raise UserError("give --attack NAME or --from-perturbation FILE")
+    cls = ATTACKS.get(args.attack) if args.attack else None
+    given = {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    if cls is not None:
+        unused = sorted(set(given) - set(cls.PARAMS))
+        if unused:
+            raise UserError(f"--attack {args.attack} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
+        if args.surrogate is not None and "surrogate" not in cls.PARAMS:
+            raise UserError(f"--attack {args.attack} uses no surrogate")
+    norm = args.norm or (cls.norm if cls else "linf")
+    eps_nominal = parse_fraction(args.eps, "--eps") if args.eps is not None else None
+    with timer("load"):
+        ds = load_dataset(args.input)
+    if len(np.unique(ds.y_train)) < 2:
+        raise UserError("poisoning needs at least 2 classes; the training split has one", args.input)
+    h, w, c = ds.image_shape
+    rdir = report_dir(args.output)
+
+    if args.from_perturbation is not None:
+        if given or args.surrogate or args.resume:
+            raise UserError("--from-perturbation takes no attack parameters, --surrogate or --resume")
+        nominal = eps_nominal if eps_nominal is not None else (
+            cls.default_eps.get(norm) if cls and norm in cls.default_eps else _DEFAULT_EPS[norm])
+        if not math.isfinite(nominal) or nominal <= 0:
+            raise UserError(f"bound must be > 0, got {nominal}")
+        eps = nominal * math.sqrt(h * w * c / 3072) if norm == "l2" and not args.no_scale_eps else nominal
+        check_eps(norm, eps, h * w * c, h * w)
+        pert = load_perturbation(args.from_perturbation)
+        with timer("poison"):
+            res = apply_perturbation(ds.x_train, pert, norm, eps, ratio, args.seed, source=args.from_perturbation)
+        res.info.update({"eps_nominal": nominal, "attack_defaults_from": args.attack})
+        name = "from-perturbation"
+    else:
+        assert cls is not None
+        params: dict[str, Any] = dict(given)
+        if args.surrogate is not None:
+            params["surrogate"] = args.surrogate
+        if cls.supports_checkpoint:
+            params["checkpoint_dir"] = str(rdir / "checkpoints")
+            params["resume"] = args.resume
+        elif args.resume:
+            raise UserError(f"--attack {args.attack} has nothing to resume (it does not checkpoint)")
+        attack = make_attack(args.attack, eps=eps_nominal, seed=args.seed, device=args.device,
+                             progress=not args.quiet, norm=args.norm, preset=args.preset,
+                             scale_eps=not args.no_scale_eps, **params)
+        with timer("poison"):
+            try:
+                res = attack.poison(ds.x_train, ds.y_train, ratio)
+            except ValueError as e:
+                if isinstance(e, UserError):
+                    raise
+                raise RuntimeError(f"refusing to write: {e}") from e
+        name = args.attack
+    write_outputs(args, ds, res, rdir, timer, name)
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, ds: Any, res: PoisonResult, rdir: Path, timer: Timer, name: str) -> None:
+    out_ds = ds.replace(x_train=res.x)
+    with timer("write"):
+        save_dataset(out_ds, args.output, args.format)
+        save_npy_atomic(rdir / "perturbation.npy", res.delta)
+    shutil.rmtree(rdir / "checkpoints", ignore_errors=True)  # the run finished; nothing to resume
+    p = psnr(ds.x_train[res.indices], res.x[res.indices])
+    show = res.indices[:8]
+    save_image_grid({"clean": ds.x_train[show], "poisoned": res.x[show],
+                     "perturbation (amplified)": residual_image(res.x[show], ds.x_train[show])},
+                    rdir / "grid.png", title=f"{name}: {res.info.get('norm')} {res.info.get('eps', 0):.4g}, "
+                                             f"PSNR {p:.2f} dB")
+    cfg = {"attack": name, "input": args.input, "output": args.output, "format": args.format or ds.format,
+           "ratio": res.info.get("ratio"), "preset": args.preset, "from_perturbation": args.from_perturbation}
+    info = dict(res.info)
+    write_json(rdir / "manifest.json", manifest(
+        "poison", cfg, args.seed, {**timer.times, **{f"attack_{k}": v for k, v in info.pop("timings_s", {}).items()}},
+        attack=info, psnr_clean_poisoned=p, indices_poisoned=res.indices.tolist(),
+        n_train=int(len(ds.x_train))))
+    print(f"poisoned {len(res.indices)}/{len(ds.x_train)} images with {name} ({info.get('norm')} bound "
+          f"{info.get('eps', 0):.4g}, max per image {info['bound_check']['max_' + info['norm']]:.4g}); "
+          f"PSNR {p:.2f} dB; wrote {args.output} and {rdir}/")
