@@ -1,0 +1,437 @@
+"""Turn a results store into the paper's tables and figures: Markdown, CSV, PNG and one HTML page.
+
+Writes ``OUTDIR/report/``: ``report.md``, ``index.html`` (self-contained: images inlined as base64),
+``tables/*.csv`` and ``figures/*.png``. Tables follow the paper's shapes (Table 2: attacks x
+defenses; Table 5: larger bounds; Table 6: ablation variants x attacks with a mean; Table 13: JPEG
+qualities with a PSNR row; Table 1/7/8 and Sec. 5.2 for the other experiment kinds). When the
+dataset is CIFAR-10 the paper's numbers are printed beside ours as ``ours (paper)``.
+Accuracies are the mean over seeds (``± std`` when there are several).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..utils import atomic_path, parse_fraction, write_text_atomic
+from .store import Store
+
+# --- the paper's CIFAR-10 numbers (ResNet-18, last-epoch clean test accuracy, %) --------------------------
+_T2_COLS = ["w/o", "AT", "AA", "BDR", "Gray", "JPEG-10", "AVA.", "Ours"]
+_T2 = {
+    "clean": [94.57, 85.17, 92.27, 88.95, 92.74, 85.47, 89.61, 93.29],
+    "ntga": [11.10, 83.63, 77.92, 57.80, 65.26, 78.97, 80.72, 89.21],
+    "em": [12.26, 84.43, 67.11, 81.91, 19.50, 85.61, 89.54, 91.42],
+    "tap": [25.44, 83.89, 55.84, 80.18, 21.50, 84.99, 89.13, 90.48],
+    "rem": [22.43, 86.01, 64.99, 32.36, 62.35, 84.40, 86.06, 86.38],
+    "sep": [6.63, 83.48, 61.07, 81.21, 8.47, 84.97, 89.56, 90.74],
+    "lsp": [13.14, 84.56, 80.39, 40.25, 73.63, 79.91, 81.15, 91.20],
+    "ar": [12.50, 82.01, 49.14, 29.14, 36.18, 84.97, 89.64, 91.77],
+    "ops": [22.03, 9.48, 64.02, 19.58, 19.43, 77.33, 71.62, 88.95],
+}
+#: Table 13: JPEG qualities 30/50/70 (10 is Table 2's JPEG column)
+_T13 = {"ntga": [66.83, 64.28, 60.19], "em": [70.48, 54.22, 42.23], "tap": [84.82, 77.98, 57.45],
+        "rem": [77.73, 71.19, 63.39], "sep": [87.57, 82.25, 59.09], "lsp": [42.11, 33.99, 29.19],
+        "ar": [89.17, 86.11, 80.01], "ops": [79.01, 68.68, 59.81]}
+#: Table 5: larger bounds (l_inf 16/255, l2 2.0)
+_T5_COLS = ["w/o", "AT", "AA", "ISS", "AVA.", "Ours"]
+_T5 = {"em": [10.09, 84.02, 49.23, 83.62, 85.61, 91.06], "tap": [18.45, 83.46, 52.92, 84.98, 89.43, 90.55],
+       "rem": [23.22, 35.41, 50.92, 75.50, 52.26, 79.18], "sep": [12.05, 83.98, 56.71, 85.00, 88.96, 90.93],
+       "lsp": [15.45, 79.10, 59.10, 41.41, 41.70, 86.43]}
+#: Table 6: ablation variants (keys are D-VAE's ``variant`` parameter values)
+_T6 = {"no_stage1": {"ntga": 78.62, "em": 91.85, "tap": 90.97, "rem": 82.06, "sep": 90.76, "lsp": 66.76,
+                     "ar": 91.39, "ops": 51.71},
+       "no_subtract_stage2": {"ntga": 87.44, "em": 91.18, "tap": 90.70, "rem": 85.21, "sep": 90.79, "lsp": 90.63,
+                              "ar": 91.31, "ops": 84.92}}
+#: Table 7: detection (acc, recall, precision, F1) per attack and ratio
+_T7 = {("em", 0.2): (0.918, 1.0, 0.709, 0.830), ("rem", 0.2): (0.561, 1.0, 0.312, 0.476),
+       ("lsp", 0.2): (0.777, 1.0, 0.472, 0.641), ("ops", 0.2): (0.724, 0.993, 0.420, 0.590),
+       ("em", 0.4): (0.939, 1.0, 0.869, 0.930), ("rem", 0.4): (0.785, 1.0, 0.651, 0.789),
+       ("lsp", 0.4): (0.905, 1.0, 0.807, 0.893), ("ops", 0.4): (0.842, 0.991, 0.719, 0.833),
+       ("em", 0.6): (0.961, 1.0, 0.938, 0.968), ("rem", 0.6): (0.909, 0.999, 0.868, 0.930),
+       ("lsp", 0.6): (0.941, 0.999, 0.912, 0.954), ("ops", 0.6): (0.910, 0.993, 0.874, 0.930),
+       ("em", 0.8): (0.982, 1.0, 0.978, 0.989), ("rem", 0.8): (0.958, 0.998, 0.951, 0.975),
+       ("lsp", 0.8): (0.973, 1.0, 0.968, 0.984), ("ops", 0.8): (0.932, 0.997, 0.924, 0.959)}
+_DEF_COL = {"none": "w/o", "at": "AT", "ueraser": "AA", "bdr": "BDR", "gray": "Gray", "avatar": "AVA.", "dvae": "Ours"}
+
+
+def is_cifar10(spec: str) -> bool:
+    s = str(spec).lower().replace("-", "").replace("_", "")
+    return "cifar10" in s and "cifar100" not in s
+
+
+def paper_value(cfg: dict[str, Any]) -> float | None:
+    """The paper's CIFAR-10 accuracy for a purify cell's (attack, defense), if the paper has one."""
+    if not is_cifar10(cfg.get("dataset", "")) or cfg.get("kind") != "purify" or cfg.get("model") != "resnet18":
+        return None
+    a, d = cfg["attack"], cfg["defense"]
+    atk = "clean" if a["name"] == "none" else a["name"]
+    params = d.get("params") or {}
+    large = False
+    if a.get("eps") is not None:
+        eps = parse_fraction(a["eps"])
+        if math.isclose(eps, 16 / 255, rel_tol=1e-3) or math.isclose(eps, 2.0):
+            large = True
+        elif not (math.isclose(eps, 8 / 255, rel_tol=1e-3) or math.isclose(eps, 1.0)):
+            return None
+    if d["name"] == "dvae" and params.get("variant") in _T6:
+        return None if large else _T6[params["variant"]].get(atk)
+    if d["name"] == "jpeg":
+        q = int(params.get("quality", 10))
+        if large:
+            return None
+        if q == 10:
+            return _T2.get(atk, [None] * 8)[5]
+        if q in (30, 50, 70) and atk in _T13:
+            return _T13[atk][(30, 50, 70).index(q)]
+        return None
+    col = _DEF_COL.get(d["name"])
+    if col is None or (d["name"] == "dvae" and params):
+        return None
+    if large:
+        return _T5[atk][_T5_COLS.index(col)] if atk in _T5 and col in _T5_COLS else None
+    return _T2[atk][_T2_COLS.index(col)] if atk in _T2 else None
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+def axis_label(cfg: dict[str, Any], axis: str) -> str:
+    v = cfg.get(axis)
+    if isinstance(v, dict):
+        return str(v.get("label", v.get("name")))
+    return str(cfg.get(f"{axis}_label", v))
+
+
+def _fmt(vals: list[float], digits: int = 2) -> str:
+    if not vals:
+        return ""
+    m = float(np.mean(vals))
+    return f"{m:.{digits}f}" + (f" ± {float(np.std(vals)):.{digits}f}" if len(vals) > 1 else "")
+
+
+class Table:
+    def __init__(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
+        self.title, self.header, self.rows, self.note = title, header, rows, note
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", ""]
+        out.append("| " + " | ".join(self.header) + " |")
+        out.append("|" + "---|" * len(self.header))
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        if self.note:
+            out += ["", self.note]
+        return "\n".join(out) + "\n"
+
+    def html(self) -> str:
+        h = "".join(f"<th>{html.escape(c)}</th>" for c in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows)
+        note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3><table><tr>{h}</tr>{body}</table>{note}"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.header)
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+
+def _status_text(rows: list[dict[str, Any]]) -> str | None:
+    st = {r["status"] for r in rows}
+    if "done" in st:
+        return None
+    return "failed" if "failed" in st else "…"
+
+
+def pivot(cells: list[dict[str, Any]], rows_axis: str, cols_axis: str, value: str = "final_acc",
+          title: str = "", mean_row: bool = False, mean_col: bool = False, psnr_row: bool = False,
+          with_paper: bool = False, digits: int = 2) -> Table:
+    """Mean (± std over seeds) of ``value`` per (row label, column label); failed/pending cells marked."""
+    row_keys: list[str] = []
+    col_keys: list[str] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in cells:
+        rk, ck = axis_label(r["config"], rows_axis), axis_label(r["config"], cols_axis)
+        row_keys += [rk] if rk not in row_keys else []
+        col_keys += [ck] if ck not in col_keys else []
+        groups[(rk, ck)].append(r)
+
+    def vals(rk: str, ck: str, key: str = value) -> list[float]:
+        return [float(r["results"][key]) for r in groups.get((rk, ck), [])
+                if r["status"] == "done" and r["results"] and r["results"].get(key) is not None]
+
+    body = []
+    for rk in row_keys:
+        line = [rk]
+        for ck in col_keys:
+            g = groups.get((rk, ck), [])
+            txt = _fmt(vals(rk, ck), digits) or (_status_text(g) or "") if g else ""
+            if with_paper and g:
+                pv = paper_value(g[0]["config"])
+                if pv is not None:
+                    txt = f"{txt} ({pv:.2f})"
+            line.append(txt)
+        if mean_col:
+            allv = [float(np.mean(vals(rk, ck))) for ck in col_keys if vals(rk, ck)]
+            line.append(f"{np.mean(allv):.{digits}f}" if allv else "")
+        body.append(line)
+    if mean_row:
+        line = ["Mean"]
+        for ck in col_keys:
+            allv = [float(np.mean(vals(rk, ck))) for rk in row_keys if vals(rk, ck)]
+            line.append(f"{np.mean(allv):.{digits}f}" if allv else "")
+        body.append(line + ([""] if mean_col else []))
+    if psnr_row:
+        line = ["PSNR (dB)"]
+        for ck in col_keys:
+            allv = [v for rk in row_keys for v in vals(rk, ck, "psnr")]
+            line.append(f"{np.mean(allv):.1f}" if allv else "")
+        body.insert(0, line + ([""] if mean_col else []))
+    header = [f"{rows_axis} \\ {cols_axis}", *col_keys] + (["Mean"] if mean_col else [])
+    note = "ours (paper's CIFAR-10 number)" if with_paper else ""
+    return Table(title, header, body, note)
+
+
+def _fig_to_png(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig_psnr_acc(cells: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """PSNR(input, purified) vs clean test accuracy, one line per attack (Fig. 2/6, Table 13's sweep)."""
+    pts: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for r in cells:
+        res = r["results"] or {}
+        if r["status"] == "done" and res.get("psnr") is not None and math.isfinite(res["psnr"]):
+            pts[axis_label(r["config"], "attack")].append((res["psnr"], res["final_acc"],
+                                                           axis_label(r["config"], "defense")))
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for atk, p in pts.items():
+        p.sort()
+        ax.plot([a for a, _, _ in p], [b for _, b, _ in p], marker="o", label=atk)
+        for a, b, lab in p:
+            ax.annotate(lab, (a, b), fontsize=6, alpha=0.7)
+    ax.set_xlabel("PSNR(poisoned, purified) [dB]")
+    ax.set_ylabel("clean test accuracy [%]")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _fig_to_png(fig, path)
+
+
+def fig_bars(table: Table, path: Path, title: str) -> Path | None:
+    """Grouped bars: one group per row of an attacks x defenses table, one bar per defense."""
+    def num(s: str) -> float:
+        try:
+            return float(s.split()[0])
+        except (ValueError, IndexError):
+            return float("nan")
+
+    rows = [r for r in table.rows if r[0] not in ("Mean", "PSNR (dB)")]
+    cols = [c for c in table.header[1:] if c != "Mean"]
+    if not rows or not cols:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 3.8))
+    w = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        ax.bar(np.arange(len(rows)) + j * w, [num(r[1 + j]) for r in rows], w, label=c)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - w / 2)
+    ax.set_xticklabels([r[0] for r in rows], rotation=30, fontsize=7)
+    ax.set_ylabel("clean test accuracy [%]")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=min(4, len(cols)))
+    return _fig_to_png(fig, path)
+
+
+def fig_theorem2(res: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    rows = sorted(res["rows"], key=lambda r: r["r"])
+    r = [x["r"] for x in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(r, [x["kld"] for x in rows], "o-", label="KLD (numerical)")
+    ax.plot(r, [x["upper"] for x in rows], "--", label="upper: ½ln(1+r²)")
+    ax.plot(r, [x["lower"] for x in rows], ":", label="lower: ½ln(1+r²) − ln2")
+    ax.set_xscale("log")
+    ax.set_xlabel("r = δ/σ")
+    ax.set_ylabel("KLD(p_z ‖ N(0,1)) [nats]")
+    ax.set_title("Theorem 2: KLD of a normalised two-Gaussian mixture", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _fig_to_png(fig, path)
+
+
+# --- the report --------------------------------------------------------------------------------------------
+def _group(rows: list[dict[str, Any]], kind: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["config"]["kind"] == kind:
+            out[(str(r["config"]["dataset"]), str(r["config"]["model"]))].append(r)
+    return out
+
+
+def _metric_table(cells: list[dict[str, Any]], title: str, row_axes: list[str], cols: list[tuple[str, str]],
+                  paper: Any = None, digits: int = 3) -> Table:
+    """One row per distinct combination of ``row_axes``; columns are result keys (mean over seeds)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in cells:
+        groups[tuple(axis_label(r["config"], a) for a in row_axes)].append(r)
+    body = []
+    for k, g in groups.items():
+        line = list(k)
+        for key, _ in cols:
+            v = [float(r["results"][key]) for r in g if r["status"] == "done" and r["results"].get(key) is not None]
+            line.append(_fmt(v, digits) or (_status_text(g) or ""))
+        if paper is not None:
+            pv = paper(g[0]["config"])
+            line.append("" if pv is None else " / ".join(f"{x:g}" for x in pv))
+        body.append(line)
+    header = [*row_axes, *(h for _, h in cols)] + (["paper (CIFAR-10)"] if paper is not None else [])
+    return Table(title, header, body)
+
+
+def _t7(cfg: dict[str, Any]) -> tuple[float, ...] | None:
+    if not is_cifar10(cfg.get("dataset", "")):
+        return None
+    return _T7.get((cfg["attack"]["name"], round(float(cfg.get("ratio", 1.0)), 2)))
+
+
+def build_report(outdir: str | Path) -> Path:
+    """Write ``OUTDIR/report/`` from the store; return the path of ``index.html``."""
+    outdir = Path(outdir)
+    store = Store.open_existing(outdir)
+    try:
+        meta, cfg, rows = store.meta(), store.config(), store.rows()
+        counts = store.status_counts()
+    finally:
+        store.close()
+    rdir = outdir / "report"
+    (rdir / "tables").mkdir(parents=True, exist_ok=True)
+    (rdir / "figures").mkdir(parents=True, exist_ok=True)
+    title = meta.get("title") or meta.get("name")
+    spec = cfg.get("table") or {}
+    tables: list[tuple[str, Table]] = []
+    figures: list[tuple[str, Path]] = []
+
+    for (ds, model), cells in _group(rows, "purify").items():
+        tag = f"{Path(ds).name.split(':')[0]}-{model}"
+        t = pivot(cells, spec.get("rows", "attack"), spec.get("cols", "defense"), title=f"{title} — {ds}, {model}",
+                  mean_row=bool(spec.get("mean_row")), mean_col=bool(spec.get("mean_col")),
+                  psnr_row=bool(spec.get("psnr_row")), with_paper=is_cifar10(ds) and model == "resnet18")
+        tables.append((f"{meta.get('name')}-{tag}", t))
+        p = fig_bars(t if spec.get("rows", "attack") == "attack" else
+                     pivot(cells, "attack", "defense"), rdir / "figures" / f"bars-{tag}.png",
+                     f"per-attack accuracy — {ds}, {model}")
+        if p:
+            figures.append((f"Per-attack accuracy ({ds}, {model})", p))
+        p = fig_psnr_acc(cells, rdir / "figures" / f"psnr-acc-{tag}.png", f"PSNR vs accuracy — {ds}, {model}")
+        if p:
+            figures.append((f"PSNR vs accuracy ({ds}, {model})", p))
+        if any(r["results"] and r["results"].get("psnr") is not None for r in cells):
+            tables.append((f"psnr-{tag}", pivot(cells, spec.get("rows", "attack"), spec.get("cols", "defense"),
+                                                value="psnr", title=f"PSNR(poisoned, purified) dB — {ds}, {model}")))
+    for (ds, model), cells in _group(rows, "disentangle").items():
+        body = []
+        for key, name in (("acc_clean_train", "clean train T"), ("acc_clean_test", "clean test D"),
+                          ("acc_poisoned_train", "poisoned P")):
+            body.append([name] + pivot(cells, "model", "attack", value=key).rows[0][1:])
+        atks = pivot(cells, "model", "attack").header[1:]
+        t = Table(f"Table 1: accuracy (%) of a model trained on clean + p_hat — {ds}, {model}", ["test set", *atks],
+                  body)
+        tables.append((f"table1-{Path(ds).name}-{model}", t))
+    for (ds, model), cells in _group(rows, "detect").items():
+        t = _metric_table(cells, f"Table 7: poisoned-sample detection — {ds}, {model}", ["attack", "ratio"],
+                          [("det_acc", "Acc."), ("recall", "Recall"), ("precision", "Precision"), ("f1", "F1")],
+                          paper=_t7 if is_cifar10(ds) else None)
+        tables.append((f"table7-{Path(ds).name}-{model}", t))
+    for (ds, model), cells in _group(rows, "partial").items():
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in cells:
+            groups[axis_label(r["config"], "attack")].append(r)
+        body = []
+        header: list[str] = []
+        for atk, g in groups.items():
+            t = pivot(g, "defense", "ratio")
+            header = ["attack", *t.header]
+            body += [[atk, *row] for row in t.rows]
+        tables.append((f"table8-{Path(ds).name}-{model}",
+                       Table(f"Table 8: accuracy (%) under partial poisoning — {ds}, {model}", header, body)))
+    for (ds, model), cells in _group(rows, "amplify").items():
+        t = _metric_table(cells, f"Sec. 5.2: D-VAE-amplified poison — {ds}, {model}", ["attack", "ratio"],
+                          [("final_acc", "test acc. (amplified)"),
+                           ("acc_small_poison_only", "test acc. (small poison)")],
+                          digits=2)
+        tables.append((f"amplify-{Path(ds).name}-{model}", t))
+    for r in rows:
+        if r["config"]["kind"] == "theorem2" and r["status"] == "done":
+            res = r["results"]
+            body = [[f"{x['r']:.4g}", f"{x['lower']:.6f}", f"{x['kld']:.6f}", f"{x['upper']:.6f}",
+                     "yes" if x["holds"] else "NO"] for x in res["rows"]]
+            tables.append(("theorem2", Table(
+                "Theorem 2: ½ln(1+r²) − ln2 ≤ KLD ≤ ½ln(1+r²)", ["r", "lower", "KLD (numerical)", "upper", "holds"],
+                body, f"all hold: {res['all_hold']}; KLD increasing in r: {res['kld_increasing_in_r']}")))
+            figures.append(("Theorem 2", fig_theorem2(res, rdir / "figures" / "theorem2.png")))
+            break
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        tables.append(("failed", Table("Failed cells", ["cell", "error"],
+                                       [[r["key"], (r["error"] or "").splitlines()[0][:200]] for r in failed])))
+    grids = [(r["key"], outdir / "cells" / r["cell_id"] / "grid.png") for r in rows
+             if (outdir / "cells" / r["cell_id"] / "grid.png").exists()][:16]
+    for name, t in tables:
+        write_text_atomic(rdir / "tables" / f"{_safe(name)}.csv", t.csv())
+    timings = [r["timings"].get("total", 0.0) for r in rows if r["timings"]]
+    summary = (f"grid **{meta.get('name')}** (preset {meta.get('preset')}, fingerprint {meta.get('fingerprint')}): "
+               f"{len(rows)} cells — " + ", ".join(f"{k} {v}" for k, v in counts.items()) +
+               f"; cell time total {sum(timings) / 60:.1f} min")
+    md = [f"# {title}", "", summary, ""]
+    md += [t.markdown() for _, t in tables]
+    md += [f"![{n}](figures/{p.name})" for n, p in figures]
+    md += ["", "## Image grids", ""] + [f"- {k}: `{p.relative_to(outdir)}`" for k, p in grids]
+    write_text_atomic(rdir / "report.md", "\n".join(md) + "\n")
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+            "margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}"
+            "td:first-child{text-align:left}.note{color:#666;font-size:12px}img{max-width:100%}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary.replace('**', ''))}</p>"]
+    page += [t.html() for _, t in tables]
+    for n, p in figures:
+        page.append(f"<h3>{html.escape(n)}</h3>{_img(p)}")
+    if grids:
+        page.append("<h2>Image grids</h2>")
+        page += [f"<h4>{html.escape(k)}</h4>{_img(p)}" for k, p in grids]
+    page.append("</body></html>")
+    out = rdir / "index.html"
+    write_text_atomic(out, "\n".join(page))
+    return out
+
+
+def _img(p: Path) -> str:
+    return f"<img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

@@ -1,0 +1,159 @@
+"""Unsupervised poisoned-sample detection (paper Sec. 5.1, Table 7).
+
+The rule: fit the stage-1 D-VAE (small KLD limit) on the training set ``x0`` to get the
+disentangled poison ``p_hat0``; train a classifier on ``x0 + p_hat0``. The classifier learns the
+``p_hat`` shortcut, so on the *original* images it is right on the poisoned ones (they carry the
+real poison, which ``p_hat`` imitates) and notably worse on the clean ones. A sample is flagged as
+poisoned when that classifier *fits* it: predicts its label on ``x0``. The per-sample score is
+the classifier's softmax probability of the true label on ``x0`` (higher = more likely poisoned).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .data import ImageDataset
+from .errors import UserError
+from .utils import Timer, atomic_path
+
+
+@dataclass
+class DetectResult:
+    scores: np.ndarray
+    flags: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _grey_levels(p: np.ndarray) -> np.ndarray:
+    """p_hat as float32 grey levels: the purifiers' convention is 0..255 pixel units (``x0 + p_hat``)."""
+    return np.asarray(p).astype(np.float32)
+
+
+def _fit_stage1_only(pur: Any, x: np.ndarray, y: np.ndarray) -> bool:
+    """Train only D-VAE's stage 1 when the purifier offers it (half the cost of a full fit).
+
+    Prefers a public ``fit_stage1``; otherwise uses DVAEPurifier's stage machinery if present.
+    Returns False when neither exists (the caller then fits both stages).
+    """
+    if hasattr(pur, "fit_stage1"):
+        pur.fit_stage1(x, y)
+        return True
+    needed = ("_fit_stage", "_make", "_labels", "_fingerprint", "config")
+    if not all(hasattr(pur, a) for a in needed):
+        return False
+    from .defenses import dvae as _dv
+
+    if not all(hasattr(_dv, a) for a in ("Checkpointer", "dvae_loss", "check_geometry", "to_device_images")):
+        return False
+    yt = pur._labels(y, fitting=True)
+    h, w, c = x.shape[1:]
+    _dv.check_geometry(h, w, pur.config.downsample1)
+    fp, cfg_json = pur._fingerprint(x, y)
+    ckpt = _dv.Checkpointer(pur.checkpoint_dir, fp, cfg_json, pur.resume)
+    pur.models_ = {}
+    x0 = _dv.to_device_images(x, pur.device)
+    pur._fit_stage("stage1", pur._make(1, c, (h, w)), _dv.dvae_loss, x0, yt, pur.config.kld_limit1, ckpt, 1)
+    return True
+
+
+def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: dict[str, Any] | None = None,
+                 x_apply: np.ndarray | None = None, y_apply: np.ndarray | None = None, device: str = "auto",
+                 seed: int = 0, progress: bool = True,
+                 checkpoint_dir: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fit the purifier's stage 1 on ``(x, y)``; return ``p_hat`` (float32 grey levels) for ``x_apply``
+    (default ``x``) and the purifier's info.
+
+    With D-VAE only stage 1 is trained and ``estimate_perturbation(x, y, stage="stage1")`` gives
+    ``p_hat``; other purifiers run ``fit_purify`` and must leave ``extras_["p_hat"]``.
+    """
+    from .defenses import DEFENSES, make_purifier
+    from .defenses.base import as_labels, as_uint8_nhwc
+
+    cls = DEFENSES.get(purifier)
+    kw = dict(params or {})
+    common = {"device": device, "seed": seed, "progress": progress}
+    kw.update({k: v for k, v in common.items() if k in cls.COMMON and k not in kw})
+    if cls.supports_checkpoint and checkpoint_dir:
+        kw.setdefault("checkpoint_dir", checkpoint_dir)
+        kw.setdefault("resume", True)
+    pur = make_purifier(purifier, **kw)
+    x = as_uint8_nhwc(x)
+    y = as_labels(y, len(x))
+    xa, ya = (x, y) if x_apply is None else (as_uint8_nhwc(x_apply), as_labels(y_apply, len(x_apply)))
+    if hasattr(pur, "estimate_perturbation"):
+        if not _fit_stage1_only(pur, x, y):
+            pur.fit(x, y)
+        p = pur.estimate_perturbation(xa, ya, stage="stage1")
+    else:
+        if x_apply is not None:
+            raise UserError(f"defense {purifier!r} cannot infer p_hat on new images (no estimate_perturbation)")
+        pur.fit_purify(x, y)
+        if "p_hat" not in pur.extras_:
+            raise UserError(f"defense {purifier!r} exposes no stage-1 p_hat; detection needs one (e.g. dvae)")
+        p = pur.extras_["p_hat"]
+    p = _grey_levels(p)
+    if p.shape != xa.shape:
+        raise ValueError(f"p_hat has shape {p.shape} for images {xa.shape}")
+    info = dict(pur.info_)
+    if getattr(pur, "history_", None):
+        info["history_last"] = {k: h[-1] for k, h in pur.history_.items() if h}
+    return p, info
+
+
+def detect_poison(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: dict[str, Any] | None = None,
+                  train_config: Any = None, seed: int = 0, device: str = "auto", progress: bool = True,
+                  checkpoint_dir: str | None = None) -> DetectResult:
+    """Score and flag each training image (see module doc). ``train_config``: a :class:`TrainConfig`."""
+    from .defenses.base import as_labels, as_uint8_nhwc
+    from .train import TrainConfig, predict, to_device_images, train_classifier
+
+    x = as_uint8_nhwc(x)
+    y = as_labels(y, len(x))
+    if y is None or len(np.unique(y)) < 2:
+        raise UserError("detection needs labels with at least 2 classes")
+    timer = Timer()
+    with timer("stage1"):
+        p_hat, pinfo = stage1_p_hat(x, y, purifier, params, device=device, seed=seed, progress=progress,
+                                    checkpoint_dir=checkpoint_dir)
+    x_hat = np.clip(np.rint(x.astype(np.float32) + p_hat), 0, 255).astype(np.uint8)
+    cfg = train_config or TrainConfig.preset("cpu")
+    cfg.eval_every = max(cfg.epochs, 1)  # the held-out score is meaningless here; evaluate once
+    k = min(len(x), 256)
+    ds = ImageDataset(x_hat, y, x[:k], y[:k])
+    with timer("train"):
+        res = train_classifier(ds, None, cfg, seed, device, progress=progress, desc="detect: train on x0 + p_hat")
+    import torch
+
+    model = res.model
+    dev = next(model.parameters()).device
+    with timer("score"), torch.no_grad():
+        xt = to_device_images(x, dev)
+        model.eval()
+        probs = []
+        for i in range(0, len(xt), 512):
+            probs.append(torch.softmax(model(xt[i:i + 512].float().div_(255)).float(), 1).cpu())
+        pr = torch.cat(probs).numpy()
+        pred = predict(model, xt).cpu().numpy()
+    scores = pr[np.arange(len(y)), y].astype(np.float64)
+    flags = pred == y
+    info = {"method": "train on x0 + p_hat0, flag samples the model fits (pred == label on x0)",
+            "purifier": purifier, "purifier_info": pinfo, "train": res.summary(), "timings_s": timer.times,
+            "n_flagged": int(flags.sum()), "n": int(len(x)),
+            "p_hat_mean_l2": float(np.sqrt(((p_hat / 255.0) ** 2).reshape(len(p_hat), -1).sum(1)).mean())}
+    return DetectResult(scores=scores, flags=flags, info=info)
+
+
+def write_scores_csv(path: str, res: DetectResult, y: np.ndarray) -> None:
+    """``index,label,score,flag`` per training image, written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["index", "label", "score", "flag"])
+    for i, (lab, s, f) in enumerate(zip(y, res.scores, res.flags)):
+        w.writerow([i, int(lab), f"{s:.6f}", int(bool(f))])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
