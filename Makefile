@@ -13,6 +13,7 @@ demo: $(STAMP) data
 	$(BIN)/unpoison demo --out demo-out
 
 test: $(STAMP)
+	-@$(MAKE) --no-print-directory data >/dev/null 2>&1 || echo "(Fashion-MNIST not installed: tests that need it are skipped)"
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)
@@ -23,7 +24,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,diffusion]'
+	$(BIN)/python -m pip install -q -e '.[dev,diffusion,ray]'
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST: installed with apt when we may, otherwise say how.

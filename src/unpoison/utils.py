@@ -93,7 +93,7 @@ def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp if is_dir else tmp / final.name
+    target = tmp / final.name  # does not exist yet: the caller creates a file or a directory there
     try:
         yield target
         if is_dir:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_device_seed(p: argparse.ArgumentParser) -> None:
@@ -17,3 +18,38 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 def add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None,
                    help="output format (npz, imagefolder, idx, npy, cifar10, ...); default: the input's")
+
+
+def param_flags(registry: Any, skip: set[str]) -> dict[str, tuple[type, str]]:
+    """Union of the ``PARAMS`` tables of a registry's entries: name -> (type, help naming each user).
+
+    Attacks and purifiers declare their method parameters once (``PARAMS = {name: (type, default, help)}``);
+    the CLI turns them into flags, so a new method needs no CLI code.
+    """
+    flags: dict[str, tuple[type, list[str], str]] = {}
+    for name in registry:
+        for key, (typ, default, help_) in registry.get(name).PARAMS.items():
+            if key in skip:
+                continue
+            t, users, h = flags.get(key, (typ, [], help_))
+            users.append(f"{name}: {default:.4g}" if isinstance(default, float) else f"{name}: {default}")
+            flags[key] = (t, users, h)
+    # argparse %-formats help strings: escape literal percent signs
+    return {k: (t, f"{h} ({'; '.join(u)})".replace("%", "%%")) for k, (t, u, h) in flags.items()}
+
+
+def add_param_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:
+    """Add ``--key`` flags (dest ``param_key``, default None) for :func:`param_flags`' output."""
+    for key, (typ, help_) in sorted(flags.items()):
+        kw: dict[str, Any] = {"default": None, "help": help_}
+        if typ is bool:
+            kw["type"] = lambda s: s.lower() in ("1", "true", "yes", "on")
+            kw["metavar"] = "BOOL"
+        else:
+            kw["type"] = typ
+        p.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
+
+
+def given_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The method parameters the user set on the command line (``param_*`` not None)."""
+    return {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}

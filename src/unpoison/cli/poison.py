@@ -32,24 +32,12 @@ from ..data import load_dataset, save_dataset
 from ..errors import UserError
 from ..utils import Timer, manifest, parse_fraction, psnr, save_npy_atomic, write_json
 from ..viz import residual_image, save_image_grid
-from ._common import add_device_seed, add_format, add_quiet
+from ._common import add_device_seed, add_format, add_param_flags, add_quiet, given_params, param_flags
 
 #: handled by dedicated flags, never generated from PARAMS
 _COMMON = {"surrogate"}
 #: default bound per norm when no attack names one
 _DEFAULT_EPS = {"linf": 8 / 255, "l2": 1.0, "l0": 1.0}
-
-
-def _param_flags() -> dict[str, tuple[type, str]]:
-    flags: dict[str, tuple[type, list[str], str]] = {}
-    for name in ATTACKS:
-        for key, (typ, default, help_) in ATTACKS.get(name).PARAMS.items():
-            if key in _COMMON:
-                continue
-            t, users, h = flags.get(key, (typ, [], help_))
-            users.append(f"{name}: {default:.4g}" if isinstance(default, float) else f"{name}: {default}")
-            flags[key] = (t, users, h)
-    return {k: (t, f"{h} ({'; '.join(u)})") for k, (t, u, h) in flags.items()}
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -71,14 +59,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     add_format(p)
     add_device_seed(p)
     add_quiet(p)
-    for key, (typ, help_) in sorted(_param_flags().items()):
-        kw: dict[str, Any] = {"default": None, "help": help_}
-        if typ is bool:
-            kw["type"] = lambda s: s.lower() in ("1", "true", "yes", "on")
-            kw["metavar"] = "BOOL"
-        else:
-            kw["type"] = typ
-        p.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
+    add_param_flags(p, param_flags(ATTACKS, _COMMON))
     p.set_defaults(func=run)
 
 
@@ -127,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.attack is None and args.from_perturbation is None:
         raise UserError("give --attack NAME or --from-perturbation FILE")
     cls = ATTACKS.get(args.attack) if args.attack else None
-    given = {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    given = given_params(args)
     if cls is not None:
         unused = sorted(set(given) - set(cls.PARAMS))
         if unused:

@@ -11,6 +11,7 @@ A dataset is named by a *spec* wherever one is expected:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,7 +57,28 @@ DATASETS.register("fmnist", "Fashion-MNIST (Debian dataset-fashion-mnist or $UNP
 DATASETS.register("mnist", "MNIST IDX files in $UNPOISON_DATA/mnist")(_named_idx("mnist", "MNIST"))
 DATASETS.register("synthetic", "generated data: synthetic:n=512,size=16,channels=3,classes=4,seed=0")(
     lambda arg: make_synthetic(**_kv(arg)))
-_ALIASES = {"fashion-mnist": "fmnist", "fashionmnist": "fmnist"}
+
+
+def _named_folder(fmt: str, subs: tuple[str, ...], label: str) -> Callable[[str], ImageDataset]:
+    """A named dataset found in the data roots (``$UNPOISON_DATA/<sub>`` etc.) in format ``fmt``."""
+
+    def load(arg: str) -> ImageDataset:
+        tried = [r for sub in subs for r in _data_roots(sub)]
+        for root in tried:
+            if FORMATS.get(fmt).detect(root):
+                return FORMATS.get(fmt).read(root)
+        raise UserError(f"{label} not found in {', '.join(map(str, tried))}; unpack it under $UNPOISON_DATA "
+                        f"or pass {fmt}:PATH")
+
+    return load
+
+
+for _name, _fmt, _subs, _label in (("cifar10", "cifar10", ("cifar-10-batches-py",), "CIFAR-10"),
+                                   ("cifar100", "cifar100", ("cifar-100-python",), "CIFAR-100"),
+                                   ("svhn", "svhn", ("svhn",), "SVHN")):
+    DATASETS.register(_name, f"{_label} in $UNPOISON_DATA/{_subs[0]} (or {_fmt}:PATH)")(
+        _named_folder(_fmt, _subs, _label))
+_ALIASES = {"fashion-mnist": "fmnist", "fashionmnist": "fmnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
 
 
 def _kv(arg: str) -> dict[str, int]:
@@ -71,11 +93,20 @@ def _kv(arg: str) -> dict[str, int]:
 
 
 def detect_format(path: Path) -> DatasetFormat:
-    for name in FORMATS:
-        fmt = FORMATS.get(name)
-        if fmt.detect(path):
-            return fmt
-    raise UserError(f"unknown dataset format (known: {', '.join(FORMATS.names())})", path)
+    """The format of ``path``: formats are tried by ``priority`` (specific layouts first), never by name."""
+    path = Path(path)
+    order = sorted((FORMATS.get(n) for n in FORMATS), key=lambda f: (f.priority, f.name))
+    for fmt in order:
+        if not fmt.autodetect:
+            continue
+        try:
+            if fmt.detect(path):
+                return fmt
+        except OSError:  # unreadable sub-folder etc.: not this format
+            continue
+    what = f"file type {path.suffix or '(no suffix)'!r}" if path.is_file() else "folder layout"
+    known = ", ".join(f.name for f in order)
+    raise UserError(f"unknown dataset format: {what} (known: {known}; or say FORMAT:PATH)", path)
 
 
 def load_dataset(spec: str | Path, mmap: bool = False, validate: bool = True) -> ImageDataset:
@@ -86,6 +117,10 @@ def load_dataset(spec: str | Path, mmap: bool = False, validate: bool = True) ->
     s = str(spec)
     name, sep, arg = s.partition(":")
     key = _ALIASES.get(name.lower(), name.lower())
+    if sep and key not in FORMATS and key not in DATASETS and not Path(s).exists() \
+            and re.fullmatch(r"[a-z][a-z0-9_-]+", key):
+        raise UserError(f"unknown dataset format or name {name!r} in {s!r}; formats: {', '.join(FORMATS.names())}; "
+                        f"names: {', '.join(DATASETS.names())}")
     if sep and key in FORMATS and not Path(s).exists():
         path = Path(arg).expanduser()
         if not path.exists():

@@ -19,6 +19,11 @@ class DatasetFormat:
     writable: bool = True
     #: ``write`` produces a directory (True) or a single file (False)
     writes_dir: bool = True
+    #: detection order (lower first): specific layouts before generic ones, so a folder that would
+    #: also pass a looser detector (e.g. a CIFAR folder inside an image tree) gets the right reader
+    priority: int = 50
+    #: False for formats that are only chosen by ``FORMAT:PATH`` (e.g. ``imagenet`` = resized imagefolder)
+    autodetect: bool = True
 
     def detect(self, path: Path) -> bool:
         raise NotImplementedError

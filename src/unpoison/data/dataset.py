@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,9 @@ class ImageDataset:
     classes: list[str] = field(default_factory=list)
     source: str = "<memory>"
     format: str = "npz"
+    #: format-specific facts a writer may need to keep the format (JSON-able; e.g. CIFAR-100's coarse
+    #: label of each fine class). Per class, never per image, so subsets and replacements keep it valid.
+    attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.classes:

@@ -1,3 +1,7 @@
-"""Concrete dataset formats; importing this package registers them all (order = detection order)."""
+"""Concrete dataset formats; importing this package registers them all.
 
-from . import idx, npz  # noqa: F401
+Detection does not depend on this import order: ``detect_format`` tries formats by their
+``priority`` (specific file names first, generic folder layouts last).
+"""
+
+from . import cifar, idx, imagefolder, imagenet, npy, npz, svhn  # noqa: F401

@@ -71,6 +71,7 @@ def _find(root: Path, stem: str) -> Path | None:
 
 class IDXFormat(DatasetFormat):
     name = "idx"
+    priority = 13
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and _find(path, _STEMS["x_train"]) is not None
@@ -92,7 +93,7 @@ class IDXFormat(DatasetFormat):
                 if arrays[k].ndim != 1:
                     raise UserError(f"labels must be 1-D, got shape {arrays[k].shape}", files[k])
                 arrays[k] = arrays[k].astype(np.int64)
-        is_fashion = "fashion" in str(path).lower()
+        is_fashion = "fashion" in str(files["x_train"]).lower()  # also FashionMNIST/raw under path
         k = int(max(arrays["y_train"].max(initial=0), arrays.get("y_test", np.zeros(1, int)).max())) + 1
         classes = (FASHION_CLASSES if is_fashion else DIGIT_CLASSES)[:k] if k <= 10 else []
         return ImageDataset(arrays["x_train"], arrays["y_train"], arrays.get("x_test"),

@@ -14,10 +14,17 @@ from ..dataset import ImageDataset
 
 class NPZFormat(DatasetFormat):
     name = "npz"
+    priority = 30
     writes_dir = False
 
     def detect(self, path: Path) -> bool:
-        return path.is_file() and path.suffix.lower() == ".npz"
+        """``.npz`` suffix, or a zip file (NumPy's savez output) whatever its name."""
+        if not path.is_file():
+            return False
+        if path.suffix.lower() == ".npz":
+            return True
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04" and zipfile.is_zipfile(path)
 
     def read(self, path: Path, mmap: bool = False) -> ImageDataset:
         try:
@@ -36,6 +43,9 @@ class NPZFormat(DatasetFormat):
             raise UserError(f"cannot read NPZ ({e})", path) from None
         except (OSError, zipfile.BadZipFile, EOFError) as e:
             raise UserError(f"corrupt or unreadable NPZ ({e})", path) from None
+        # Keras-style MNIST NPZs hold N x H x W grayscale: give them their channel axis
+        x_tr = x_tr[..., None] if x_tr.ndim == 3 else x_tr
+        x_te = x_te[..., None] if x_te is not None and x_te.ndim == 3 else x_te
         for name, y in (("y_train", y_tr), ("y_test", y_te)):
             if y is not None and not np.issubdtype(y.dtype, np.integer):
                 raise UserError(f"{name} must be integers, got {y.dtype}", path)
