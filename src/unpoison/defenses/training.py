@@ -1,0 +1,173 @@
+"""Training-time defenses (App. C.2): PGD adversarial training (``at``) and UEraser (``ueraser``).
+
+Each entry of :data:`TRAIN_DEFENSES` is a factory ``(**params) -> callable(model, x, y) -> x'``.
+:func:`unpoison.train.train_classifier` calls it on every batch *after* its own crop/flip, with ``x``
+a float batch in [0, 1], and puts the model back in train mode afterwards.
+
+Model modes. Both defenses compute their inner losses with the model in **eval** mode, then
+restore the mode they found. For PGD this is the common PyTorch form of the Madry et al. recipe
+(e.g. TRADES / MART code): BatchNorm uses running statistics while crafting, so the 10 attack
+forward passes neither update the running statistics nor make the perturbation depend on the
+other samples in the batch; the weight update itself then happens in train mode on the
+adversarial batch. UEraser's loss ranking likewise runs in eval mode under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..train import TrainDefense
+from ..utils import parse_fraction
+from .base import TRAIN_DEFENSES
+
+
+def _autocast(x: torch.Tensor) -> torch.autocast:
+    """bfloat16 autocast on CUDA (as the training loop uses), off on CPU."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 10,
+               step_size: float = 1.6 / 255, random_start: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """l_inf PGD maximising cross-entropy; returns ``x + delta`` with ``|delta| <= eps`` and values in [0, 1].
+
+    Gradients are taken w.r.t. the input only (``torch.autograd.grad``), so the model's parameter
+    gradients are left untouched. The model's train/eval mode is restored on return.
+    """
+    was_training = model.training
+    model.eval()
+    x = x.detach()
+    if random_start:
+        noise = torch.rand(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        delta = (noise * 2 - 1) * eps
+    else:
+        delta = torch.zeros_like(x)
+    delta = ((x + delta).clamp(0, 1) - x)
+    try:
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with _autocast(x):
+                loss = F.cross_entropy(model(x + delta), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = delta + step_size * grad.sign()
+                delta = delta.clamp(-eps, eps)
+                delta = (x + delta).clamp(0, 1) - x  # stay a valid image
+    finally:
+        model.train(was_training)
+    return (x + delta).detach()
+
+
+class AdversarialTraining:
+    """Madry PGD adversarial training: the batch is replaced by its PGD adversarial examples."""
+
+    def __init__(self, eps: float | str = "8/255", steps: int = 10, step_size: float | str = "1.6/255",
+                 random_start: bool = True, seed: int | None = None) -> None:
+        self.eps = parse_fraction(eps, "eps")
+        self.step_size = parse_fraction(step_size, "step size")
+        if not 0 < self.eps <= 1 or not 0 < self.step_size <= 1:
+            raise UserError(f"PGD eps and step size must be in (0, 1], got {self.eps}, {self.step_size}")
+        if int(steps) != steps or steps < 1:
+            raise UserError(f"PGD steps must be a positive integer, got {steps!r}")
+        self.steps = int(steps)
+        self.random_start = bool(random_start)
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.seed is not None and (self._gen is None or self._gen.device != x.device):
+            self._gen = torch.Generator(device=x.device)
+            self._gen.manual_seed(self.seed)
+        return pgd_attack(model, x, y, self.eps, self.steps, self.step_size, self.random_start, self._gen)
+
+    def __repr__(self) -> str:
+        return f"AdversarialTraining(eps={self.eps:.5f}, steps={self.steps}, step_size={self.step_size:.5f})"
+
+
+def ueraser_augmentation(channels: int) -> nn.Module:
+    """UEraser's augmentation pipeline from kornia: plasma brightness/contrast, channel shuffle, erasing.
+
+    UEraser applies plasma brightness (intensity up to 1) and plasma contrast to every image, then
+    channel shuffle and TrivialAugment, over hundreds of epochs. With the few epochs of the CPU
+    presets that is too destructive (on our toy, plain training with it on clean data lost ~40
+    points), so each plasma op here fires with p=0.5 and brightness intensity is at most 0.5;
+    TrivialAugment (whose colour ops need RGB) is replaced by random erasing so one pipeline serves
+    1- and 3-channel data. Channel shuffle is used for RGB only.
+    """
+    import kornia.augmentation as K
+
+    ops: list[nn.Module] = [
+        K.RandomPlasmaBrightness(roughness=(0.1, 0.7), intensity=(0.0, 0.5), p=0.5),
+        K.RandomPlasmaContrast(roughness=(0.1, 0.7), p=0.5),
+    ]
+    if channels == 3:
+        ops.append(K.RandomChannelShuffle(p=0.5))
+    ops.append(K.RandomErasing(scale=(0.02, 0.2), p=0.5))
+    return K.AugmentationSequential(*ops)
+
+
+class UEraser:
+    """UEraser-Max: per sample, keep the augmented copy (of ``repeats``) with the highest loss.
+
+    ``repeats`` copies are drawn while fewer than ``switch_step`` batches have been seen, then
+    one (plain random augmentation, UEraser's later phase). ``switch_step=None`` never switches.
+    The step counter lives in the callable, so use one instance per training run.
+    """
+
+    def __init__(self, repeats: int = 5, switch_step: int | None = None) -> None:
+        if int(repeats) != repeats or repeats < 1:
+            raise UserError(f"UEraser repeats must be a positive integer, got {repeats!r}")
+        if switch_step is not None and (int(switch_step) != switch_step or switch_step < 0):
+            raise UserError(f"UEraser switch step must be a non-negative integer, got {switch_step!r}")
+        self.repeats = int(repeats)
+        self.switch_step = None if switch_step is None else int(switch_step)
+        self.step = 0
+        self._aug: dict[int, nn.Module] = {}
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if c not in self._aug:
+            self._aug[c] = ueraser_augmentation(c)
+        return self._aug[c](x).clamp(0, 1)
+
+    def current_repeats(self) -> int:
+        if self.switch_step is not None and self.step >= self.switch_step:
+            return 1
+        return self.repeats
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k = self.current_repeats()
+        self.step += 1
+        x = x.detach()
+        if k == 1:
+            return self.augment(x)
+        n = len(x)
+        copies = self.augment(x.repeat(k, 1, 1, 1))  # k*n, independent random parameters per copy
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), _autocast(x):
+                losses = F.cross_entropy(model(copies.contiguous(memory_format=torch.channels_last)),
+                                         y.repeat(k), reduction="none").float()
+        finally:
+            model.train(was_training)
+        pick = losses.view(k, n).argmax(0)  # per sample: which copy is hardest
+        return copies.view(k, n, *x.shape[1:])[pick, torch.arange(n, device=x.device)]
+
+    def __repr__(self) -> str:
+        return f"UEraser(repeats={self.repeats}, switch_step={self.switch_step})"
+
+
+@TRAIN_DEFENSES.register("at", help="PGD adversarial training (eps 8/255, 10 steps of 1.6/255, random start)")
+def make_at(**params: Any) -> TrainDefense:
+    return AdversarialTraining(**params)
+
+
+@TRAIN_DEFENSES.register("ueraser", help="UEraser: loss-maximising kornia augmentations (K=5, then K=1)")
+def make_ueraser(**params: Any) -> TrainDefense:
+    return UEraser(**params)
