@@ -34,7 +34,7 @@ class EM(SurrogateAttack):
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
-        "cpu": {"surrogate": "smallcnn", "rounds": 6, "pgd_steps": 8, "step_frac": 0.2},
+        "cpu": {"surrogate": "smallcnn", "rounds": 40, "pgd_steps": 10, "step_frac": 0.2},
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:

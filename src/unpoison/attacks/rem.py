@@ -40,7 +40,7 @@ class REM(SurrogateAttack):
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
-        "cpu": {"surrogate": "smallcnn", "rounds": 4, "pgd_steps": 5, "step_frac": 0.25, "adv_steps": 2,
+        "cpu": {"surrogate": "smallcnn", "rounds": 20, "pgd_steps": 5, "step_frac": 0.25, "adv_steps": 2,
                 "eot": 1},
     }
 

@@ -1,0 +1,539 @@
+"""D-VAE two-stage purification (Algorithm 1), and the VAE / AE reconstruction baselines.
+
+Stage 1 trains a fresh D-VAE on the poisoned images ``x0`` with a tight rate limit and subtracts
+its perturbation estimate: ``x1 = clip(x0 - p_hat(x0))``. Stage 2 trains another fresh D-VAE on
+``x1`` (looser limit): ``x2 = clip(x1 - p_hat(x1))``, ``x3 = x_hat(x2)``. Intermediate images are
+rounded to uint8 (they are datasets in their own right and this keeps checkpoints small).
+
+Every hyperparameter lives in :class:`DVAEConfig` and its presets (``paper``, ``imagenet``,
+``cpu``). Training keeps the whole split on the device as uint8, uses channels_last, bf16 autocast
+and fused Adam on CUDA (plus ``torch.compile`` of the conv stacks there), and checkpoints every
+epoch so ``resume=True`` continues a killed run. ``p_hat`` arrays are float16 NHWC in 0..255
+pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..models.dvae import (
+    DVAE,
+    BottleneckAE,
+    RateConstrainedVAE,
+    ae_loss,
+    check_geometry,
+    dvae_loss,
+    vae_loss,
+)
+from ..train import to_device_images
+from ..utils import atomic_path, pick_device, psnr, seed_everything, write_json
+from .base import DEFENSES, Purifier
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DVAEConfig:
+    """All purification hyperparameters (paper B.2 + release); presets in :data:`PRESETS`."""
+
+    width: int = 64  # encoder width w (features 2w at the latent resolution)
+    latent: int = 256  # latent channels of mu / logvar
+    epochs: int = 60  # per stage
+    batch_size: int = 128
+    lr: float = 5e-3  # Adam, cosine to 0 over all steps of a stage
+    grad_clip: float = 5.0
+    kld_weight: float = 0.01  # lambda of Eq. 14
+    kld_limit1: float = 1.0  # stage 1
+    kld_limit2: float = 3.0  # stage 2
+    downsample1: int = 2  # stage-1 latent resolution is H/downsample1
+    downsample2: int = 2
+    skip_stage1: bool = False  # ablation (Table 6): purify with stage 2 only
+    stage2_subtract: bool = True  # ablation (Table 6): False -> x3 = x_hat(x1)
+    kld_limit: float = 1.0  # the plain rate-constrained VAE (``vae``)
+    downsample: int = 2  # ``vae`` / ``ae``
+    bottleneck: int = 8  # ``ae``: channels of the code
+    infer_batch: int = 0  # 0: 1024 on CUDA, 256 on CPU (faster there)
+    compile: str = "auto"  # auto: torch.compile the conv stacks on CUDA only; "yes" / "no"
+
+    @classmethod
+    def preset(cls, name: str = "paper", **overrides: Any) -> DVAEConfig:
+        if name not in PRESETS:
+            raise UserError(f"unknown D-VAE preset {name!r}; known: {', '.join(PRESETS)}")
+        cfg = cls(**PRESETS[name])
+        known = {f.name for f in fields(cls)}
+        for k, v in overrides.items():
+            if k not in known:
+                raise UserError(f"unknown D-VAE parameter {k!r}")
+            if v is not None:
+                setattr(cfg, k, type(getattr(cfg, k))(v))
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        for k in ("width", "latent", "epochs", "batch_size", "bottleneck"):
+            if getattr(self, k) < 1:
+                raise UserError(f"D-VAE {k} must be >= 1, got {getattr(self, k)}")
+        for k in ("lr", "kld_weight"):
+            if not getattr(self, k) > 0:
+                raise UserError(f"D-VAE {k} must be > 0, got {getattr(self, k)}")
+        for k in ("kld_limit1", "kld_limit2", "kld_limit"):
+            if getattr(self, k) < 0:
+                raise UserError(f"D-VAE {k} must be >= 0, got {getattr(self, k)}")
+        if self.compile not in ("auto", "yes", "no"):
+            raise UserError(f"compile must be auto, yes or no, got {self.compile!r}")
+
+
+#: the presets, in one place. ``cpu``: sized so 10,000 Fashion-MNIST images purify in <= 4 minutes
+#: on 2 CPU cores (docs/results/purify_speed.md) while the demo's LSP target still holds.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "imagenet": {"downsample1": 8, "kld_limit1": 1.5, "epochs": 20},
+    "cpu": {"width": 8, "latent": 32, "epochs": 6, "batch_size": 64},
+}
+
+_COMMON_PARAMS: dict[str, tuple[type, Any, str]] = {
+    "preset": (str, "paper", "hyperparameter preset: paper, imagenet or cpu"),
+    "width": (int, None, "auto-encoder width w (default: the preset's)"),
+    "latent": (int, None, "latent channels (default: the preset's)"),
+    "epochs": (int, None, "training epochs per stage (default: the preset's)"),
+    "batch_size": (int, None, "training batch size (default: the preset's)"),
+    "lr": (float, None, "Adam learning rate (default: the preset's)"),
+}
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+def data_fingerprint(x: np.ndarray, y: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    h.update(str(x.shape).encode())
+    h.update(np.ascontiguousarray(x).data)
+    if y is not None:
+        h.update(np.ascontiguousarray(y.astype(np.int64)).data)
+    return h.hexdigest()
+
+
+class Checkpointer:
+    """Per-epoch training state and per-stage outputs in ``directory``, tagged with a fingerprint.
+
+    Files are written atomically and read with ``torch.load(weights_only=True)``; a directory holding
+    another run's files is refused on resume (and overwritten when not resuming).
+    """
+
+    def __init__(self, directory: str | Path | None, fingerprint: str, config: dict[str, Any],
+                 resume: bool) -> None:
+        self.dir = Path(directory) if directory else None
+        self.fingerprint = fingerprint
+        self.resume = resume
+        if self.dir is None:
+            if resume:
+                raise UserError("resume=True needs a checkpoint_dir")
+            return
+        meta = self.dir / "run.json"
+        if resume and meta.exists():
+            try:
+                old = json.loads(meta.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"unreadable checkpoint metadata: {e}", meta) from None
+            if old.get("fingerprint") != fingerprint:
+                why = ("another configuration" if old.get("config") != config
+                       else "other input data (images or labels differ)")
+                raise UserError(f"checkpoint belongs to {why}; refusing to resume (delete it or drop --resume)",
+                                self.dir)
+        elif not resume and self.dir.exists():
+            for f in self.dir.glob("*.pt"):
+                f.unlink()
+        write_json(meta, {"fingerprint": fingerprint, "config": config})
+
+    def _load(self, name: str) -> dict[str, Any] | None:
+        if self.dir is None or not self.resume:
+            return None
+        path = self.dir / name
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's problem, said in one line
+            raise UserError(f"unreadable checkpoint: {type(e).__name__}: {e}", path) from None
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserError("checkpoint belongs to another configuration or dataset; refusing to resume", path)
+        return state
+
+    def _save(self, name: str, state: dict[str, Any]) -> None:
+        if self.dir is None:
+            return
+        with atomic_path(self.dir / name) as tmp:
+            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+
+    def epoch_state(self, stage: str) -> dict[str, Any] | None:
+        return self._load(f"{stage}.epoch.pt")
+
+    def save_epoch(self, stage: str, state: dict[str, Any]) -> None:
+        self._save(f"{stage}.epoch.pt", state)
+
+    def stage_output(self, stage: str) -> dict[str, Any] | None:
+        return self._load(f"{stage}.done.pt")
+
+    def save_stage_output(self, stage: str, state: dict[str, Any]) -> None:
+        self._save(f"{stage}.done.pt", state)
+        if self.dir is not None:
+            (self.dir / f"{stage}.epoch.pt").unlink(missing_ok=True)
+
+
+# --- the shared training loop --------------------------------------------------------------------
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    return torch.channels_last if getattr(model, "channels_last", False) else torch.contiguous_format
+
+
+def use_channels_last(width: int) -> bool:
+    """channels_last except for the tiniest widths: torch 2.14's CPU kernels corrupt the heap on
+    channels_last convs with 2 channels (seen with width 4, one thread), and they gain nothing there."""
+    return width >= 8
+
+
+def _float_batch(x_u8: torch.Tensor, fmt: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    return x_u8.float().div_(255).contiguous(memory_format=fmt)
+
+
+def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                      x_u8: torch.Tensor, y: torch.Tensor | None, cfg: DVAEConfig, kld_limit: float, stage: str,
+                      seed: int, ckpt: Checkpointer, progress: bool = True,
+                      callback: EpochCallback | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in place on uint8 NCHW ``x_u8`` (on the device) and return per-epoch history."""
+    dev = x_u8.device
+    cuda = dev.type == "cuda"
+    n = len(x_u8)
+    steps = math.ceil(n / cfg.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=cuda)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps, eta_min=0.0)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    history: list[dict[str, float]] = []
+    start = 0
+    state = ckpt.epoch_state(stage)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"])
+        history = list(state["history"])
+        start = int(state["epoch"])
+    fwd = model
+    if cfg.compile == "yes" or (cfg.compile == "auto" and cuda):
+        for name in ("encoder", "decoder", "perturbation_decoder"):
+            sub = getattr(model, name, None)
+            if sub is not None:
+                sub.compile()
+    is_dvae = isinstance(model, DVAE)
+    fmt = _memory_format(model)
+    variational = isinstance(model, (DVAE, RateConstrainedVAE))
+    total = cfg.epochs * steps
+    bar = tqdm(total=total, initial=start * steps, desc=stage, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    try:
+        for ep in range(start, cfg.epochs):
+            model.train()
+            perm = torch.randperm(n, device=dev, generator=gen)
+            sums = torch.zeros(4, device=dev, dtype=torch.float64)  # loss, rec, kld, count
+            t0 = time.perf_counter()
+            for i in range(steps):
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                xb = _float_batch(x_u8[idx], fmt)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                    if is_dvae:
+                        out = fwd(xb, y[idx], sample=True, generator=gen)  # type: ignore[index]
+                    elif variational:
+                        out = fwd(xb, sample=True, generator=gen)
+                    else:
+                        out = fwd(xb)
+                loss, parts = loss_fn(xb.float(), out, kld_weight=cfg.kld_weight, kld_limit=kld_limit)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                opt.step()
+                sched.step()
+                b = len(idx)
+                sums += torch.stack([loss.detach().double() * b, parts["rec"].double() * b,
+                                     parts.get("kld", torch.zeros((), device=dev)).double() * b,
+                                     torch.tensor(float(b), device=dev, dtype=torch.float64)])
+                bar.update(1)
+                if progress and (i % 20 == 0 or i == steps - 1):
+                    s = (sums[:3] / sums[3]).tolist()
+                    bar.set_description(f"{stage} epoch {ep + 1}/{cfg.epochs}")
+                    bar.set_postfix(loss=f"{s[0]:.4f}", kld=f"{s[2]:.2f}",
+                                    psnr=f"{-10 * math.log10(max(s[1], 1e-10)):.1f}")
+            s = (sums[:3] / sums[3]).tolist()
+            rec = {"epoch": ep + 1, "loss": s[0], "rec_mse": s[1], "psnr": -10 * math.log10(max(s[1], 1e-10)),
+                   "kld": s[2], "lr": sched.get_last_lr()[0], "time_s": time.perf_counter() - t0}
+            history.append(rec)
+            ckpt.save_epoch(stage, {"epoch": ep + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "rng": gen.get_state(), "history": history})
+            if callback is not None:
+                callback({"stage": stage, **rec})
+    finally:
+        bar.close()
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def _infer(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor | None, batch: int,
+           fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Batched inference with ``z = mu``; ``fn(out, x)`` picks the float [0,1]-scale result per batch."""
+    model.eval()
+    cuda = x_u8.device.type == "cuda"
+    outs = []
+    fmt = _memory_format(model)
+    for i in range(0, len(x_u8), batch):
+        xb = _float_batch(x_u8[i:i + batch], fmt)
+        with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(xb, y[i:i + batch]) if isinstance(model, DVAE) else model(xb)  # type: ignore[index]
+        outs.append(fn({k: v.float() for k, v in out.items()}, xb))
+    return torch.cat(outs)
+
+
+def _to_u8(x01: torch.Tensor) -> torch.Tensor:
+    return x01.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.permute(0, 2, 3, 1).cpu().numpy())
+
+
+class _AutoencoderPurifier(Purifier):
+    """Shared plumbing: config from a preset, device, seed, checkpoints, labels, geometry checks."""
+
+    COMMON = frozenset({"device", "seed", "progress"})
+    learns = True
+    supports_checkpoint = True
+
+    def __init__(self, preset: str = "paper", device: str | torch.device = "auto", seed: int = 0,
+                 progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
+                 epoch_callback: EpochCallback | None = None, **overrides: Any) -> None:
+        super().__init__(preset=preset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+        self.config = DVAEConfig.preset(preset, **overrides)
+        self.device = pick_device(device)
+        self.seed = int(seed)
+        self.progress = progress
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = bool(resume)
+        self.epoch_callback = epoch_callback
+        self.models_: dict[str, nn.Module] = {}
+        self.num_classes_: int = 0
+        self.history_: dict[str, list[dict[str, float]]] = {}
+
+    @property
+    def _infer_batch(self) -> int:
+        return self.config.infer_batch or (1024 if self.device.type == "cuda" else 256)
+
+    def _labels(self, y: np.ndarray | None, fitting: bool) -> torch.Tensor | None:
+        if y is None:
+            return None
+        if fitting:
+            if len(np.unique(y)) < 2:
+                raise UserError(f"{self.name} needs at least two classes in y, got {len(np.unique(y))}")
+            if y.min() < 0:
+                raise UserError(f"labels must be >= 0, got {y.min()}")
+            self.num_classes_ = int(y.max()) + 1
+        elif self.num_classes_ and (y.min() < 0 or y.max() >= self.num_classes_):
+            raise UserError(f"labels out of range [0, {self.num_classes_}) seen when fitting: "
+                            f"[{y.min()}, {y.max()}]")
+        return torch.as_tensor(y, device=self.device)
+
+    def _fingerprint(self, x: np.ndarray, y: np.ndarray | None) -> tuple[str, dict[str, Any]]:
+        cfg = {"method": self.name, "seed": self.seed, **asdict(self.config)}
+        cfg.pop("infer_batch")
+        cfg.pop("compile")
+        fp = hashlib.sha256((json.dumps(cfg, sort_keys=True) + data_fingerprint(x, y)).encode()).hexdigest()
+        return fp, cfg
+
+    def _check_fitted(self) -> None:
+        if not self.models_:
+            raise UserError(f"{self.name} purifier is not fitted; call fit() first")
+
+    def _fit_stage(self, stage: str, make: Callable[[], nn.Module], loss_fn: Callable[..., Any],
+                   x_u8: torch.Tensor, y: torch.Tensor | None, kld_limit: float, ckpt: Checkpointer,
+                   offset: int) -> nn.Module:
+        done = ckpt.stage_output(stage)
+        seed_everything(self.seed * 1000 + offset)
+        model = make().to(self.device)
+        model.channels_last = use_channels_last(self.config.width)
+        model = model.to(memory_format=_memory_format(model))
+        if done is not None:
+            model.load_state_dict(done["model"])
+            self.history_[stage] = list(done["history"])
+            model.eval()
+        else:
+            self.history_[stage] = train_autoencoder(
+                model, loss_fn, x_u8, y, self.config, kld_limit, stage, self.seed * 1000 + offset, ckpt,
+                self.progress, self.epoch_callback)
+            ckpt.save_stage_output(stage, {"model": model.state_dict(), "history": self.history_[stage]})
+        self.models_[stage] = model
+        return model
+
+    def _final_losses(self) -> dict[str, dict[str, float]]:
+        return {k: h[-1] for k, h in self.history_.items() if h}
+
+
+class DVAEPurifier(_AutoencoderPurifier):
+    """Two-stage D-VAE purification (Algorithm 1). ``preset`` = paper | imagenet | cpu."""
+
+    name = "dvae"
+    needs_labels = True
+    PARAMS = {
+        **_COMMON_PARAMS,
+        "kld_limit1": (float, None, "stage-1 KLD limit (paper 1.0; imagenet 1.5)"),
+        "kld_limit2": (float, None, "stage-2 KLD limit (paper 3.0)"),
+        "downsample1": (int, None, "stage-1 downsampling factor (paper 2; imagenet 8)"),
+        "skip_stage1": (bool, None, "ablation: stage 2 only"),
+        "stage2_subtract": (bool, None, "ablation: false -> x3 = x_hat(x1), no subtraction in stage 2"),
+    }
+
+    def _make(self, stage: int, c: int, hw: tuple[int, int]) -> Callable[[], nn.Module]:
+        d = self.config.downsample1 if stage == 1 else self.config.downsample2
+        return lambda: DVAE(c, hw, self.num_classes_, self.config.width, self.config.latent, d)
+
+    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        cfg = self.config
+        yt = self._labels(y, fitting=True)
+        h, w, c = x.shape[1:]
+        if not cfg.skip_stage1:
+            check_geometry(h, w, cfg.downsample1)
+        check_geometry(h, w, cfg.downsample2)
+        fp, cfg_json = self._fingerprint(x, y)
+        ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
+        self.models_ = {}
+        x0 = to_device_images(x, self.device)
+        x1 = x0
+        if not cfg.skip_stage1:
+            m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), dvae_loss, x0, yt, cfg.kld_limit1, ckpt, 1)
+            saved = ckpt.stage_output("stage1_images")
+            if saved is not None:
+                x1 = saved["x1"].to(self.device)
+            else:
+                x1 = _to_u8(_infer(m1, x0, yt, self._infer_batch, lambda o, xb: xb - o["p_hat"]))
+                ckpt.save_stage_output("stage1_images", {"x1": x1.cpu()})
+        del x0
+        self._fit_stage("stage2", self._make(2, c, (h, w)), dvae_loss, x1, yt, cfg.kld_limit2, ckpt, 2)
+
+    def estimate_perturbation(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                              stage: str = "stage1") -> np.ndarray:
+        """``p_hat(x)`` of a fitted stage's D-VAE (float16 NHWC, 0..255 units); detection reuses it."""
+        from .base import as_labels, as_uint8_nhwc
+
+        self._check_fitted()
+        if stage not in self.models_:
+            raise UserError(f"no fitted {stage} (fitted: {', '.join(self.models_)})")
+        xx = as_uint8_nhwc(x)
+        yy = self._labels(as_labels(y, len(xx)), fitting=False)
+        if yy is None:
+            raise UserError("estimate_perturbation needs labels y")
+        x_u8 = to_device_images(xx, self.device)
+        p = _infer(self.models_[stage], x_u8, yy, self._infer_batch, lambda o, xb: o["p_hat"] * 255)
+        return _nhwc(p.half())
+
+    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        self._check_fitted()
+        cfg = self.config
+        yt = self._labels(y, fitting=False)
+        t0 = time.perf_counter()
+        x0 = to_device_images(x, self.device)
+        self.stages_, self.extras_ = {}, {}
+        psnrs: dict[str, float] = {}
+        x1 = x0
+        if "stage1" in self.models_:
+            p1 = _infer(self.models_["stage1"], x0, yt, self._infer_batch, lambda o, xb: o["p_hat"])
+            x1 = _to_u8(x0.float() / 255 - p1)
+            self.extras_["p_hat"] = _nhwc((p1 * 255).half())
+            del p1
+            self.stages_["after stage 1"] = _nhwc(x1)
+            psnrs["stage1_x0_x1"] = psnr(x0, x1)
+        m2 = self.models_["stage2"]
+        x2 = x1
+        if cfg.stage2_subtract:
+            x2 = _to_u8(_infer(m2, x1, yt, self._infer_batch, lambda o, xb: xb - o["p_hat"]))
+            self.stages_["after stage 2 subtraction"] = _nhwc(x2)
+            psnrs["stage2_x1_x2"] = psnr(x1, x2)
+        x3 = _to_u8(_infer(m2, x2, yt, self._infer_batch, lambda o, xb: o["x_hat"]))
+        psnrs["stage2_x2_x3"] = psnr(x2, x3)
+        psnrs["total_x0_x3"] = psnr(x0, x3)
+        self.info_ = {"psnr_db": psnrs, "final_losses": self._final_losses(), "config": asdict(cfg),
+                      "preset": self.params.get("preset"), "p_hat_units": "0..255 pixel units (float16 NHWC)",
+                      "inference_s": time.perf_counter() - t0, "device": str(self.device)}
+        return _nhwc(x3)
+
+
+class VAEPurifier(_AutoencoderPurifier):
+    """Reconstruction by the rate-constrained VAE of Eq. 3 (the Fig. 2 ``kld_limit`` sweeps)."""
+
+    name = "vae"
+    PARAMS = {
+        **_COMMON_PARAMS,
+        "kld_limit": (float, None, "KLD limit of the rate-constrained VAE (default 1.0)"),
+        "downsample": (int, None, "downsampling factor (default 2)"),
+    }
+
+    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        h, w, c = x.shape[1:]
+        check_geometry(h, w, self.config.downsample)
+        fp, cfg_json = self._fingerprint(x, None)
+        ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
+        x0 = to_device_images(x, self.device)
+        cfg = self.config
+        self._fit_stage("vae", lambda: RateConstrainedVAE(c, (h, w), cfg.width, cfg.latent, cfg.downsample),
+                        vae_loss, x0, None, cfg.kld_limit, ckpt, 1)
+
+    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        self._check_fitted()
+        x0 = to_device_images(x, self.device)
+        out = _to_u8(_infer(self.models_["vae"], x0, None, self._infer_batch, lambda o, xb: o["x_hat"]))
+        self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
+                      "config": asdict(self.config)}
+        return _nhwc(out)
+
+
+class AEPurifier(_AutoencoderPurifier):
+    """Reconstruction by a plain auto-encoder whose bottleneck is its code width (appendix E)."""
+
+    name = "ae"
+    PARAMS = {
+        **_COMMON_PARAMS,
+        "bottleneck": (int, None, "AE code channels (default 8; smaller = stronger bottleneck)"),
+        "downsample": (int, None, "downsampling factor (default 2)"),
+    }
+
+    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        h, w, c = x.shape[1:]
+        check_geometry(h, w, self.config.downsample)
+        fp, cfg_json = self._fingerprint(x, None)
+        ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
+        x0 = to_device_images(x, self.device)
+        cfg = self.config
+        self._fit_stage("ae", lambda: BottleneckAE(c, (h, w), cfg.width, cfg.bottleneck, cfg.downsample),
+                        ae_loss, x0, None, 0.0, ckpt, 1)
+
+    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        self._check_fitted()
+        x0 = to_device_images(x, self.device)
+        out = _to_u8(_infer(self.models_["ae"], x0, None, self._infer_batch, lambda o, xb: o["x_hat"]))
+        self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
+                      "config": asdict(self.config)}
+        return _nhwc(out)
+
+
+DEFENSES.register("dvae", "two-stage D-VAE purification (the paper's method); presets paper/imagenet/cpu")(
+    DVAEPurifier)
+DEFENSES.register("vae", "rate-constrained VAE reconstruction (Eq. 3), --kld-limit sweeps")(VAEPurifier)
+DEFENSES.register("ae", "plain auto-encoder with a width bottleneck (appendix E)")(AEPurifier)

@@ -1,0 +1,223 @@
+"""D-VAE models, loss, two-stage purification, checkpoint/resume, CLI parity and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unpoison.cli import main
+from unpoison.data import ImageDataset, load_dataset, save_dataset
+from unpoison.defenses import DEFENSES, make_purifier
+from unpoison.defenses.dvae import DVAEConfig, DVAEPurifier
+from unpoison.errors import UserError
+from unpoison.models import DVAE, BottleneckAE, RateConstrainedVAE, dvae_loss, kl_divergence, vae_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: bit-reproducible CPU runs, and no thread thrashing on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = {"preset": "cpu", "width": 4, "latent": 8, "batch_size": 32, "device": "cpu", "progress": False}
+
+
+def _poisoned(n: int = 256, size: int = 16, k: int = 4, amp: float = 24.0, seed: int = 0):
+    """Smooth random images (no class signal) plus a strong class-wise +-amp pixel pattern."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    coarse = rng.uniform(40, 215, size=(n, 1, 4, 4))
+    clean = torch.nn.functional.interpolate(torch.tensor(coarse), size=(size, size), mode="bilinear",
+                                            align_corners=False).numpy().transpose(0, 2, 3, 1)
+    pattern = rng.choice([-amp, amp], size=(k, size, size, 1))
+    x0 = np.clip(np.rint(clean + pattern[y]), 0, 255).astype(np.uint8)
+    return clean, pattern[y], x0, y.astype(np.int64)
+
+
+@pytest.mark.parametrize("c,size,d", [(1, 28, 2), (3, 32, 2), (3, 32, 8), (1, 16, 4)])
+def test_shapes(c: int, size: int, d: int) -> None:
+    x = torch.rand(2, c, size, size)
+    y = torch.tensor([0, 2])
+    m = DVAE(c, size, 3, width=4, latent=6, downsample=d)
+    out = m(x, y, sample=True)
+    assert out["x_hat"].shape == out["p_hat"].shape == x.shape
+    assert out["mu"].shape == out["logvar"].shape == (2, 6, size // d, size // d)
+    assert m.class_embedding.shape == (3, 8, size // d, size // d)
+    assert out["x_hat"].min() >= 0 and out["x_hat"].max() <= 1  # sigmoid on D_c only
+    assert RateConstrainedVAE(c, size, 4, 6, d)(x)["x_hat"].shape == x.shape
+    assert BottleneckAE(c, size, 4, 2, d)(x)["x_hat"].shape == x.shape
+
+
+def test_inference_uses_mu() -> None:
+    torch.manual_seed(0)
+    m = DVAE(1, 16, 2, width=4, latent=4).eval()
+    x, y = torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 0])
+    a, b = m(x, y), m(x, y)
+    assert torch.equal(a["x_hat"], b["x_hat"])  # deterministic: z = mu
+    s = m(x, y, sample=True)
+    assert not torch.equal(a["x_hat"], s["x_hat"])
+
+
+def test_loss_terms_match_equation_14() -> None:
+    x = torch.full((2, 1, 4, 4), 0.5)
+    out = {"x_hat": torch.full_like(x, 0.3), "p_hat": torch.full_like(x, 0.1),
+           "mu": torch.ones(2, 3, 2, 2), "logvar": torch.zeros(2, 3, 2, 2)}
+    loss, parts = dvae_loss(x, out, kld_weight=0.01, kld_limit=0.0)
+    assert parts["rec"].item() == pytest.approx(0.04)  # (0.5 - 0.3)^2
+    assert parts["pert"].item() == pytest.approx(0.01)  # ((0.5 - 0.3) - 0.1)^2
+    assert parts["kld"].item() == pytest.approx(1.5)  # 0.5 * mu^2 per channel, summed over 3 channels
+    assert loss.item() == pytest.approx(0.04 + 0.01 + 0.015)
+    # the limit is a floor: max(KLD, limit)
+    loss_lim, _ = dvae_loss(x, out, kld_weight=0.01, kld_limit=4.0)
+    assert loss_lim.item() == pytest.approx(0.04 + 0.01 + 0.04)
+    assert vae_loss(x, out, 0.01, 0.0)[0].item() == pytest.approx(0.04 + 0.015)
+
+
+def test_rate_term_has_no_gradient_below_limit() -> None:
+    mu = torch.full((2, 4, 3, 3), 0.1, requires_grad=True)
+    logvar = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    x = torch.rand(2, 1, 6, 6)
+    out = {"x_hat": x.clone(), "p_hat": torch.zeros_like(x), "mu": mu, "logvar": logvar}
+    assert kl_divergence(mu, logvar).item() < 1.0
+    dvae_loss(x, out, kld_weight=0.01, kld_limit=1.0)[0].backward()
+    assert mu.grad is not None and mu.grad.abs().max() == 0 and logvar.grad.abs().max() == 0
+    mu.grad = None
+    dvae_loss(x, out, kld_weight=0.01, kld_limit=0.001)[0].backward()
+    assert mu.grad.abs().max() > 0  # above the limit the rate term pulls mu toward 0
+
+
+def test_two_stage_removes_classwise_pattern() -> None:
+    clean, pattern, x0, y = _poisoned(n=512)
+    pur = DVAEPurifier(**{**TINY, "width": 8, "latent": 16, "epochs": 6, "batch_size": 32}, seed=0)
+    out = pur.fit_purify(x0, y)
+
+    def remaining(img: np.ndarray) -> float:  # share of the pattern still in (img - clean)
+        r = img.astype(np.float64) - clean
+        return float((r * pattern).sum() / (pattern * pattern).sum())
+
+    assert remaining(x0) > 0.95
+    assert remaining(out) < 0.3, remaining(out)
+    assert set(pur.stages_) == {"after stage 1", "after stage 2 subtraction"}
+    p_hat = pur.extras_["p_hat"]
+    assert p_hat.dtype == np.float16 and p_hat.shape == x0.shape
+    assert np.array_equal(pur.estimate_perturbation(x0[:16], y[:16]), p_hat[:16])
+    assert set(pur.info_["psnr_db"]) >= {"stage1_x0_x1", "total_x0_x3"} and "stage2" in pur.info_["final_losses"]
+
+
+def test_ablations_change_the_pipeline() -> None:
+    _, _, x0, y = _poisoned(n=64)
+    pur = DVAEPurifier(**TINY, epochs=1, skip_stage1=True, stage2_subtract=False)
+    out = pur.fit_purify(x0, y)
+    assert out.shape == x0.shape and pur.stages_ == {} and "p_hat" not in pur.extras_
+    assert list(pur.models_) == ["stage2"]
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path) -> None:
+    _, _, x0, y = _poisoned(n=96)
+    kw = {**TINY, "epochs": 2}
+    ref = DVAEPurifier(**kw).fit_purify(x0, y)
+
+    def kill_at(stage: str, epoch: int):
+        def cb(rec: dict) -> None:
+            if rec["stage"] == stage and rec["epoch"] == epoch:
+                raise _Kill
+
+        return cb
+
+    ck = tmp_path / "ck"
+    with pytest.raises(_Kill):
+        DVAEPurifier(**kw, checkpoint_dir=ck, epoch_callback=kill_at("stage1", 1)).fit_purify(x0, y)
+    seen: list[tuple[str, int]] = []
+    with pytest.raises(_Kill):  # resumes stage 1 at epoch 2, then dies in stage 2
+        DVAEPurifier(**kw, checkpoint_dir=ck, resume=True,
+                     epoch_callback=lambda r: (seen.append((r["stage"], r["epoch"])), kill_at("stage2", 1)(r))
+                     ).fit_purify(x0, y)
+    assert seen == [("stage1", 2), ("stage2", 1)]
+    seen.clear()
+    out = DVAEPurifier(**kw, checkpoint_dir=ck, resume=True,
+                       epoch_callback=lambda r: seen.append((r["stage"], r["epoch"]))).fit_purify(x0, y)
+    assert seen == [("stage2", 2)]
+    assert np.array_equal(out, ref)
+
+    # a checkpoint of another configuration or dataset is refused, saying why
+    with pytest.raises(UserError, match="another configuration"):
+        DVAEPurifier(**{**kw, "epochs": 3}, checkpoint_dir=ck, resume=True).fit(x0, y)
+    with pytest.raises(UserError, match="other input data"):
+        DVAEPurifier(**kw, checkpoint_dir=ck, resume=True).fit(255 - x0, y)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path) -> None:
+    _, _, x0, y = _poisoned(n=32)
+    DVAEPurifier(**TINY, epochs=1, checkpoint_dir=tmp_path).fit(x0, y)
+    files = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert files == ["stage1.done.pt", "stage1_images.done.pt", "stage2.done.pt"]
+    for f in files:
+        torch.load(tmp_path / f, weights_only=True)
+
+
+def test_api_and_cli_agree(tmp_path) -> None:
+    _, _, x0, y = _poisoned(n=64)
+    ds = ImageDataset(x0, y, x0[:8], y[:8])
+    save_dataset(ds, tmp_path / "in.npz")
+    api = make_purifier("dvae", preset="cpu", width=4, latent=8, epochs=1, batch_size=32, seed=3,
+                        device="cpu", progress=False).fit_purify(x0, y)
+    rc = main(["purify", str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), "--method", "dvae", "--preset", "cpu",
+               "--width", "4", "--latent", "8", "--epochs", "1", "--batch-size", "32", "--seed", "3",
+               "--device", "cpu", "--quiet"])
+    assert rc == 0
+    assert np.array_equal(load_dataset(str(tmp_path / "out.npz")).x_train, api)
+    rep = tmp_path / "out.npz.report"
+    assert (rep / "p_hat.npy").exists() and (rep / "grid.png").exists() and (rep / "manifest.json").exists()
+    # resuming with other settings: one-line error, exit 2, output untouched
+    before = (tmp_path / "out.npz").read_bytes()
+    rc = main(["purify", str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), "--method", "dvae", "--preset", "cpu",
+               "--width", "4", "--latent", "8", "--epochs", "2", "--seed", "3", "--device", "cpu", "--quiet",
+               "--resume"])
+    assert rc == 2 and (tmp_path / "out.npz").read_bytes() == before
+
+
+def test_vae_and_ae_registered_and_run() -> None:
+    assert {"dvae", "vae", "ae"} <= set(DEFENSES.names())
+    _, _, x0, y = _poisoned(n=64)
+    for name, extra in (("vae", {"kld_limit": 0.5}), ("ae", {"bottleneck": 2})):
+        p = make_purifier(name, **TINY, epochs=1, **extra)
+        out = p.fit_purify(x0, y)
+        assert out.shape == x0.shape and out.dtype == np.uint8 and "total" in p.info_["psnr_db"]
+
+
+def test_presets_in_one_place() -> None:
+    paper = DVAEConfig.preset("paper")
+    assert (paper.width, paper.latent, paper.epochs, paper.lr, paper.batch_size, paper.grad_clip) == (
+        64, 256, 60, 5e-3, 128, 5.0)
+    assert (paper.kld_limit1, paper.kld_limit2, paper.kld_weight) == (1.0, 3.0, 0.01)
+    im = DVAEConfig.preset("imagenet")
+    assert (im.downsample1, im.kld_limit1, im.epochs) == (8, 1.5, 20)
+    assert DVAEConfig.preset("cpu", epochs=2).epochs == 2
+
+
+def test_bad_inputs() -> None:
+    _, _, x0, y = _poisoned(n=32)
+    with pytest.raises(UserError, match="two classes"):
+        DVAEPurifier(**TINY, epochs=1).fit(x0, np.zeros(len(x0), dtype=np.int64))
+    with pytest.raises(UserError, match="too small"):
+        DVAEPurifier(**TINY, epochs=1).fit(x0[:, :7, :7], y)  # 7 px is not divisible by 2
+    with pytest.raises(UserError, match="too small"):
+        DVAEPurifier(**{**TINY, "preset": "imagenet"}, epochs=1).fit(x0[:, :4, :4], y)  # x1/8 of 4 px
+    with pytest.raises(UserError, match="needs labels"):
+        DVAEPurifier(**TINY, epochs=1).fit(x0)
+    with pytest.raises(UserError, match="unknown D-VAE preset"):
+        DVAEPurifier(preset="huge")
+    with pytest.raises(UserError, match="not fitted"):
+        DVAEPurifier(**TINY).purify(x0, y)
+    with pytest.raises(UserError, match="uint8"):
+        DVAEPurifier(**TINY).fit(x0.astype(np.float32), y)
+    with pytest.raises(UserError, match="checkpoint_dir"):
+        DVAEPurifier(**TINY, epochs=1, resume=True).fit(x0, y)
