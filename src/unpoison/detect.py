@@ -34,33 +34,6 @@ def _grey_levels(p: np.ndarray) -> np.ndarray:
     return np.asarray(p).astype(np.float32)
 
 
-def _fit_stage1_only(pur: Any, x: np.ndarray, y: np.ndarray) -> bool:
-    """Train only D-VAE's stage 1 when the purifier offers it (half the cost of a full fit).
-
-    Prefers a public ``fit_stage1``; otherwise uses DVAEPurifier's stage machinery if present.
-    Returns False when neither exists (the caller then fits both stages).
-    """
-    if hasattr(pur, "fit_stage1"):
-        pur.fit_stage1(x, y)
-        return True
-    needed = ("_fit_stage", "_make", "_labels", "_fingerprint", "config")
-    if not all(hasattr(pur, a) for a in needed):
-        return False
-    from .defenses import dvae as _dv
-
-    if not all(hasattr(_dv, a) for a in ("Checkpointer", "dvae_loss", "check_geometry", "to_device_images")):
-        return False
-    yt = pur._labels(y, fitting=True)
-    h, w, c = x.shape[1:]
-    _dv.check_geometry(h, w, pur.config.downsample1)
-    fp, cfg_json = pur._fingerprint(x, y)
-    ckpt = _dv.Checkpointer(pur.checkpoint_dir, fp, cfg_json, pur.resume)
-    pur.models_ = {}
-    x0 = _dv.to_device_images(x, pur.device)
-    pur._fit_stage("stage1", pur._make(1, c, (h, w)), _dv.dvae_loss, x0, yt, pur.config.kld_limit1, ckpt, 1)
-    return True
-
-
 def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: dict[str, Any] | None = None,
                  x_apply: np.ndarray | None = None, y_apply: np.ndarray | None = None, device: str = "auto",
                  seed: int = 0, progress: bool = True,
@@ -86,8 +59,7 @@ def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: d
     y = as_labels(y, len(x))
     xa, ya = (x, y) if x_apply is None else (as_uint8_nhwc(x_apply), as_labels(y_apply, len(x_apply)))
     if hasattr(pur, "estimate_perturbation"):
-        if not _fit_stage1_only(pur, x, y):
-            pur.fit(x, y)
+        pur.fit_stage1(x, y) if hasattr(pur, "fit_stage1") else pur.fit(x, y)
         p = pur.estimate_perturbation(xa, ya, stage="stage1")
     else:
         if x_apply is not None:

@@ -37,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"unpoison {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, mod in COMMANDS.items():
-        try:
-            module = import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # TODO(dev): remove once every command module exists
-            if e.name != f"{__name__}.{mod}":
-                raise
-            continue
-        module.add_parser(sub, name)
+        import_module(f"{__name__}.{mod}").add_parser(sub, name)
     return p
 
 

@@ -47,6 +47,7 @@ def add_param_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[type, str
             kw["metavar"] = "BOOL"
         else:
             kw["type"] = typ
+            kw["metavar"] = key.upper()
         p.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
 
 

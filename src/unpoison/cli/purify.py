@@ -18,23 +18,10 @@ from ..defenses import DEFENSES, make_purifier
 from ..errors import UserError
 from ..utils import Timer, manifest, psnr, save_npy_atomic, write_json
 from ..viz import residual_image, save_image_grid
-from ._common import add_device_seed, add_format, add_quiet
+from ._common import add_device_seed, add_format, add_param_flags, add_quiet, given_params, param_flags
 
 #: flags handled here, never generated from PARAMS
 _COMMON = {"device", "seed", "progress", "checkpoint_dir", "resume"}
-
-
-def _param_flags() -> dict[str, tuple[type, str]]:
-    """Union of all purifiers' PARAMS: name -> (type, help listing which methods use it)."""
-    flags: dict[str, tuple[type, list[str], str]] = {}
-    for name in DEFENSES:
-        for key, (typ, default, help_) in DEFENSES.get(name).PARAMS.items():
-            if key in _COMMON:
-                continue
-            t, users, h = flags.get(key, (typ, [], help_))
-            users.append(f"{name}: default {default}")
-            flags[key] = (t, users, h)
-    return {k: (t, f"{h} ({'; '.join(u)})") for k, (t, u, h) in flags.items()}
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -47,14 +34,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     add_format(p)
     add_device_seed(p)
     add_quiet(p)
-    for key, (typ, help_) in sorted(_param_flags().items()):
-        kw: dict[str, Any] = {"default": None, "help": help_}
-        if typ is bool:
-            kw["type"] = lambda s: s.lower() in ("1", "true", "yes", "on")
-            kw["metavar"] = "BOOL"
-        else:
-            kw["type"] = typ
-        p.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
+    add_param_flags(p, param_flags(DEFENSES, _COMMON))
     p.set_defaults(func=run)
 
 
@@ -69,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         ds = load_dataset(args.input)
     cls = DEFENSES.get(args.method)
     accepted = cls.PARAMS
-    given = {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    given = given_params(args)
     unused = sorted(set(given) - set(accepted))
     if unused:
         raise UserError(f"--method {args.method} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")

@@ -9,10 +9,6 @@ from .base import DEFENSES, TRAIN_DEFENSES, Purifier, make_purifier, make_train_
 
 # one module per defense family; each registers itself on import
 for _mod in ("dvae", "simple", "avatar", "training"):
-    try:
-        import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _e:  # TODO(dev): drop once all modules exist
-        if _e.name != f"{__name__}.{_mod}":
-            raise
+    import_module(f"{__name__}.{_mod}")
 
 __all__ = ["DEFENSES", "TRAIN_DEFENSES", "Purifier", "make_purifier", "make_train_defense"]

@@ -405,10 +405,20 @@ class DVAEPurifier(_AutoencoderPurifier):
         d = self.config.downsample1 if stage == 1 else self.config.downsample2
         return lambda: DVAE(c, hw, self.num_classes_, self.config.width, self.config.latent, d)
 
-    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+    def fit_stage1(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> DVAEPurifier:
+        """Fit stage 1 only: detection needs stage 1's ``p_hat``, at half the cost of a full fit."""
+        from .base import as_labels, as_uint8_nhwc
+
+        xx = as_uint8_nhwc(x)
+        self._fit(xx, as_labels(y, len(xx)), stage1_only=True)
+        return self
+
+    def _fit(self, x: np.ndarray, y: np.ndarray | None, stage1_only: bool = False) -> None:
         cfg = self.config
         yt = self._labels(y, fitting=True)
         h, w, c = x.shape[1:]
+        if stage1_only and cfg.skip_stage1:
+            raise UserError("fit_stage1 with skip_stage1=True: there is no stage 1 to fit")
         if not cfg.skip_stage1:
             check_geometry(h, w, cfg.downsample1)
         check_geometry(h, w, cfg.downsample2)
@@ -419,6 +429,8 @@ class DVAEPurifier(_AutoencoderPurifier):
         x1 = x0
         if not cfg.skip_stage1:
             m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), dvae_loss, x0, yt, cfg.kld_limit1, ckpt, 1)
+            if stage1_only:
+                return
             saved = ckpt.stage_output("stage1_images")
             if saved is not None:
                 x1 = saved["x1"].to(self.device)

@@ -1,7 +1,10 @@
 """Small fast CNNs: the CPU presets of the scoring protocol.
 
-Three conv stages (conv-BN-ReLU x2, max-pool) and a linear head. ``smallcnn`` reaches >= 91% on
-Fashion-MNIST on 2 CPU cores in minutes (see docs/results/evaluate.md); ``tinycnn`` is for tests.
+Three conv stages (conv-BN-ReLU x n, max-pool), global max-pool and a linear head. ``smallcnn``
+(16-32-64, two convs a stage) is the CPU scoring preset: measured on Fashion-MNIST, the one-conv
+variant underfits (train accuracy 91% on the full split, 86.7% on a 10k subset) and then learns
+poison shortcuts only partly, which would understate attacks (docs/results/evaluate.md).
+``tinycnn`` is for tests.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ class SmallCNN(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
 
 
-@register_model("smallcnn", "3-stage CNN (16-32-64), the CPU preset of the scoring protocol")
+@register_model("smallcnn", "3-stage CNN (16-32-64, 2 convs a stage), the CPU preset of the scoring protocol")
 def smallcnn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return SmallCNN(num_classes, in_channels, (16, 32, 64))
+    return SmallCNN(num_classes, in_channels, (16, 32, 64), convs_per_stage=2)
 
 
 @register_model("tinycnn", "3-stage CNN (8-16-32) for tests and smoke runs")
