@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .._registry import Registry
+from .._validate import as_labels, as_uint8_nhwc
 from ..errors import UserError
 from ..utils import pick_device, seed_everything
 
@@ -47,28 +48,11 @@ class PoisonResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def as_uint8_images(x: np.ndarray | torch.Tensor, name: str = "x") -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.dtype != np.uint8:
-        raise UserError(f"{name} must be uint8 images in 0..255, got dtype {x.dtype}")
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise UserError(f"{name} must be N x H x W x C with C in (1, 3), got shape {x.shape}")
-    if len(x) == 0:
-        raise UserError(f"{name} is empty")
-    return x
-
-
 def as_label_array(y: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
-    if isinstance(y, torch.Tensor):
-        y = y.detach().cpu().numpy()
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
-        raise UserError(f"labels must be {n} integers, got {y.dtype} {y.shape}")
-    if y.min() < 0:
-        raise UserError(f"labels must be >= 0, got {y.min()}")
-    return y.astype(np.int64)
+    out = as_labels(y, n, "labels")
+    if out is None:
+        raise UserError("an attack needs labels")
+    return out
 
 
 def check_eps(norm: str, eps: float, d: int, hw: int) -> None:
@@ -232,7 +216,7 @@ class Attack:
     def poison(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, ratio: float = 1.0) -> PoisonResult:
         """Poison ``round(ratio * N)`` random images of ``x`` (labels ``y``); verify the bound per image."""
         t0 = time.perf_counter()
-        x = as_uint8_images(x)
+        x = as_uint8_nhwc(x)
         y = as_label_array(y, len(x))
         num_classes = int(y.max()) + 1
         if len(np.unique(y)) < 2:
@@ -310,7 +294,7 @@ def apply_perturbation(x: np.ndarray, pert: np.ndarray, norm: str, eps: float, r
     a floating array is in [-1, 1] pixel units (``8/255`` = 8 grey levels); an integer array is in
     grey levels (-255..255). ``eps`` is the enforced bound in [0, 1] units (pixels for l0).
     """
-    x = as_uint8_images(x)
+    x = as_uint8_nhwc(x)
     n, h, w, c = x.shape
     p = np.asarray(pert)
     if p.ndim == 3:

@@ -17,31 +17,9 @@ import numpy as np
 import torch
 
 from .._registry import Registry
+from .._validate import as_labels, as_uint8_nhwc  # noqa: F401  (re-exported)
 from ..errors import UserError
 from ..train import TrainDefense
-
-
-def as_uint8_nhwc(x: np.ndarray | torch.Tensor, name: str = "x") -> np.ndarray:
-    """Validate and convert an image batch at the API boundary (clear messages, no silent casts)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.dtype != np.uint8:
-        raise UserError(f"{name} must be uint8 images in 0..255, got dtype {x.dtype}")
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise UserError(f"{name} must be N x H x W x C with C in (1, 3), got shape {x.shape}")
-    return x
-
-
-def as_labels(y: np.ndarray | torch.Tensor | None, n: int, name: str = "y") -> np.ndarray | None:
-    if y is None:
-        return None
-    if isinstance(y, torch.Tensor):
-        y = y.detach().cpu().numpy()
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
-        raise UserError(f"{name} must be {n} integer labels, got {y.dtype} {y.shape}")
-    return y.astype(np.int64)
 
 
 class Purifier:

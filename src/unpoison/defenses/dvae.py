@@ -487,62 +487,68 @@ class DVAEPurifier(_AutoencoderPurifier):
         return _nhwc(x3)
 
 
-class VAEPurifier(_AutoencoderPurifier):
+class _ReconstructionPurifier(_AutoencoderPurifier):
+    """One auto-encoder fitted on the images; purification is its reconstruction ``x_hat``."""
+
+    loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+    def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
+        raise NotImplementedError
+
+    def _limit(self) -> float:
+        return 0.0
+
+    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        h, w, c = x.shape[1:]
+        check_geometry(h, w, self.config.downsample)
+        fp, cfg_json = self._fingerprint(x, None)
+        ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
+        x0 = to_device_images(x, self.device)
+        self._fit_stage(self.name, lambda: self._build(c, (h, w)), type(self).loss_fn, x0, None, self._limit(),
+                        ckpt, 1)
+
+    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        self._check_fitted()
+        x0 = to_device_images(x, self.device)
+        out = _to_u8(_infer(self.models_[self.name], x0, None, self._infer_batch, lambda o, xb: o["x_hat"]))
+        self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
+                      "config": asdict(self.config)}
+        return _nhwc(out)
+
+
+class VAEPurifier(_ReconstructionPurifier):
     """Reconstruction by the rate-constrained VAE of Eq. 3 (the Fig. 2 ``kld_limit`` sweeps)."""
 
     name = "vae"
+    loss_fn = staticmethod(vae_loss)
     PARAMS = {
         **_COMMON_PARAMS,
         "kld_limit": (float, None, "KLD limit of the rate-constrained VAE (default 1.0)"),
         "downsample": (int, None, "downsampling factor (default 2)"),
     }
 
-    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
-        h, w, c = x.shape[1:]
-        check_geometry(h, w, self.config.downsample)
-        fp, cfg_json = self._fingerprint(x, None)
-        ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
-        x0 = to_device_images(x, self.device)
+    def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
         cfg = self.config
-        self._fit_stage("vae", lambda: RateConstrainedVAE(c, (h, w), cfg.width, cfg.latent, cfg.downsample),
-                        vae_loss, x0, None, cfg.kld_limit, ckpt, 1)
+        return RateConstrainedVAE(c, hw, cfg.width, cfg.latent, cfg.downsample)
 
-    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-        self._check_fitted()
-        x0 = to_device_images(x, self.device)
-        out = _to_u8(_infer(self.models_["vae"], x0, None, self._infer_batch, lambda o, xb: o["x_hat"]))
-        self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
-                      "config": asdict(self.config)}
-        return _nhwc(out)
+    def _limit(self) -> float:
+        return self.config.kld_limit
 
 
-class AEPurifier(_AutoencoderPurifier):
+class AEPurifier(_ReconstructionPurifier):
     """Reconstruction by a plain auto-encoder whose bottleneck is its code width (appendix E)."""
 
     name = "ae"
+    loss_fn = staticmethod(ae_loss)
     PARAMS = {
         **_COMMON_PARAMS,
         "bottleneck": (int, None, "AE code channels (default 8; smaller = stronger bottleneck)"),
         "downsample": (int, None, "downsampling factor (default 2)"),
     }
 
-    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
-        h, w, c = x.shape[1:]
-        check_geometry(h, w, self.config.downsample)
-        fp, cfg_json = self._fingerprint(x, None)
-        ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
-        x0 = to_device_images(x, self.device)
+    def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
         cfg = self.config
-        self._fit_stage("ae", lambda: BottleneckAE(c, (h, w), cfg.width, cfg.bottleneck, cfg.downsample),
-                        ae_loss, x0, None, 0.0, ckpt, 1)
-
-    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-        self._check_fitted()
-        x0 = to_device_images(x, self.device)
-        out = _to_u8(_infer(self.models_["ae"], x0, None, self._infer_batch, lambda o, xb: o["x_hat"]))
-        self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
-                      "config": asdict(self.config)}
-        return _nhwc(out)
+        return BottleneckAE(c, hw, cfg.width, cfg.bottleneck, cfg.downsample)
 
 
 DEFENSES.register("dvae", "two-stage D-VAE purification (the paper's method); presets paper/imagenet/cpu")(
