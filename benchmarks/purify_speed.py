@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unpoison.defenses.dvae import Checkpointer, DVAEConfig, DVAEPurifier, _infer, train_autoencoder
+from unpoison.defenses.dvae import Checkpointer, DVAEConfig, DVAEPurifier, _infer, train_autoencoder, use_channels_last
 from unpoison.models import DVAE, dvae_loss
 from unpoison.utils import manifest, pick_device, seed_everything, write_json, write_text_atomic
 
@@ -51,8 +51,10 @@ def product_train(cfg: DVAEConfig, x: np.ndarray, y: np.ndarray, dev: torch.devi
     x_u8 = to_device_images(x, dev)
     yt = torch.as_tensor(y, device=dev)
     ck = Checkpointer(None, "bench", {}, False)
-    model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev).to(memory_format=torch.channels_last)
-    model.channels_last = True
+    model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev)
+    model.channels_last = use_channels_last(cfg.width, dev)
+    if model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     one = DVAEConfig(**{**cfg.__dict__, "epochs": 1})
     warm = min(len(x_u8), 2 * cfg.batch_size)
     train_autoencoder(model, dvae_loss, x_u8[:warm], yt[:warm], one, cfg.kld_limit1, "warm-up", 0, ck, False)
@@ -67,8 +69,10 @@ def product_infer(cfg: DVAEConfig, x: np.ndarray, y: np.ndarray, dev: torch.devi
     from unpoison.train import to_device_images
 
     h, w, c = x.shape[1:]
-    model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev).to(memory_format=torch.channels_last)
-    model.channels_last = True
+    model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev)
+    model.channels_last = use_channels_last(cfg.width, dev)
+    if model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if dev.type == "cuda" and cfg.compile != "no":
         for sub in (model.encoder, model.decoder, model.perturbation_decoder):
             sub.compile()
