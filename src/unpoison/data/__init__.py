@@ -137,7 +137,12 @@ def load_dataset(spec: str | Path, mmap: bool = False, validate: bool = True) ->
 
 
 def save_dataset(ds: ImageDataset, path: str | Path, format: str | None = None) -> Path:  # noqa: A002
-    """Write ``ds`` atomically (temporary sibling, then rename) in ``format`` (default: ds.format)."""
+    """Write ``ds`` atomically (temporary sibling, then rename) in ``format``.
+
+    Without ``format``: NPZ when ``path`` ends in ``.npz`` (the name says so), else the input's format.
+    """
+    if format is None and Path(path).suffix.lower() == ".npz":
+        format = "npz"  # noqa: A001
     fmt = FORMATS.get(format or ds.format)
     if not fmt.writable:
         fmt = FORMATS.get("npz")

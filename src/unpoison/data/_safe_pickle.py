@@ -5,7 +5,7 @@ CIFAR batches only hold dicts, lists, ints, byte strings and numpy arrays, so :c
 resolves exactly the globals those need and refuses everything else with a :class:`UserError`.
 
 :func:`dump_py2` writes pickles the way the original (Python 2) files are laid out: dict keys and
-strings are Python-2 ``str`` opcodes, so ``pickle.load(f, encoding="bytes")`` gives ``b"data"``
+strings are Python-2 ``str`` opcodes, so unpickling with ``encoding="bytes"`` gives ``b"data"``
 keys (the CIFAR site's snippet) and ``encoding="latin1"`` gives ``"data"`` keys (torchvision's
 loader), exactly as with the originals.
 """
