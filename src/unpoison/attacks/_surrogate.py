@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -107,6 +108,49 @@ class SurrogateAttack(Attack):
                 on_epoch(ep, model)
         bar.close()
         return acc
+
+    def run_min_min(
+        self,
+        train_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+        minimize_noise: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    ) -> tuple[nn.Module, torch.Tensor]:
+        """The outer loop EM and REM share: per round ``train_steps`` model steps on ``train_loss(model, idx,
+        delta)``, then ``minimize_noise``; stops above ``stop_acc`` or after ``rounds``; checkpoints each round."""
+        model = self.new_model()
+        opt = self.new_opt(model)
+        delta = self.init_delta()
+        start, history = 0, []
+        state = self.load_ckpt()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            delta = state["delta"].to(self.device)
+            start, history = int(state["round"]), [dict(zip(("loss", "acc"), h)) for h in state["history"].tolist()]
+        batches = self.endless_batches()
+        bar = self.bar(self.params["rounds"], "rounds", initial=start)
+        acc = history[-1]["acc"] if history else 0.0
+        t0 = time.perf_counter()
+        for rnd in range(start, self.params["rounds"]):
+            if acc > self.params["stop_acc"]:
+                break
+            for _ in range(self.params["train_steps"]):
+                loss = train_loss(model, next(batches), delta)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            delta = minimize_noise(model, delta)
+            loss_p = self.mean_loss(model, delta)
+            acc = self.accuracy(model, delta)
+            history.append({"loss": loss_p, "acc": acc})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_p:.4f}", surrogate_acc=f"{acc:.1f}")
+            self.save_ckpt({"model": model.state_dict(), "opt": opt.state_dict(), "delta": delta.cpu(),
+                            "round": rnd + 1, "history": torch.tensor([[h["loss"], h["acc"]] for h in history])})
+        bar.close()
+        self.info_ = {"surrogate_acc_poisoned": acc, "rounds_run": len(history), "history": history,
+                      "surrogate_loss_poisoned": history[-1]["loss"] if history else None,
+                      "surrogate_loss_clean": self.mean_loss(model), "timings_s_rounds": time.perf_counter() - t0}
+        return model, delta
 
     @torch.no_grad()
     def accuracy(self, model: nn.Module, delta: torch.Tensor | None = None,

@@ -8,7 +8,6 @@ exceeds ``stop_acc`` (99%) or after ``rounds``. Checkpointed after every round (
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,43 +38,12 @@ class EM(SurrogateAttack):
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:
         self.setup(x, y, num_classes)
-        model = self.new_model()
-        opt = self.new_opt(model)
-        delta = self.init_delta()
-        start, history = 0, []
-        state = self.load_ckpt()
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            delta = state["delta"].to(self.device)
-            start, history = int(state["round"]), [dict(zip(("loss", "acc"), h)) for h in state["history"].tolist()]
-        batches = self.endless_batches()
-        bar = self.bar(self.params["rounds"], "rounds", initial=start)
-        acc = history[-1]["acc"] if history else 0.0
-        t0 = time.perf_counter()
-        for rnd in range(start, self.params["rounds"]):
-            if acc > self.params["stop_acc"]:
-                break
+
+        def train_loss(model: torch.nn.Module, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
             model.train()
-            for _ in range(self.params["train_steps"]):
-                idx = next(batches)
-                loss = F.cross_entropy(model((self.x[idx] + delta[idx]).clamp(0, 1)), self.y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            delta = self.minimize_noise(model, delta)
-            loss_p = self.mean_loss(model, delta)
-            acc = self.accuracy(model, delta)
-            history.append({"loss": loss_p, "acc": acc})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_p:.4f}", surrogate_acc=f"{acc:.1f}")
-            self.save_ckpt({"model": model.state_dict(), "opt": opt.state_dict(), "delta": delta.cpu(),
-                            "round": rnd + 1, "history": torch.tensor([[h["loss"], h["acc"]] for h in history])})
-        bar.close()
-        self.info_ = {"surrogate_acc_poisoned": acc, "rounds_run": len(history), "history": history,
-                      "surrogate_loss_poisoned": history[-1]["loss"] if history else None,
-                      "surrogate_loss_clean": self.mean_loss(model), "timings_s_rounds": time.perf_counter() - t0}
-        self.surrogate_ = model
+            return F.cross_entropy(model((self.x[idx] + delta[idx]).clamp(0, 1)), self.y[idx])
+
+        self.surrogate_, delta = self.run_min_min(train_loss, self.minimize_noise)
         return delta
 
     def minimize_noise(self, model: torch.nn.Module, delta: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ noise step), averaged over ``eot`` random augmentations (expectation over transf
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,43 +46,14 @@ class REM(SurrogateAttack):
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:
         self.setup(x, y, num_classes)
         self.pad = 2 if self.x.shape[-1] < 32 else 4
-        model = self.new_model()
-        opt = self.new_opt(model)
-        delta = self.init_delta()
-        start, history = 0, []
-        state = self.load_ckpt()
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            delta = state["delta"].to(self.device)
-            start, history = int(state["round"]), [dict(zip(("loss", "acc"), h)) for h in state["history"].tolist()]
-        batches = self.endless_batches()
-        acc = history[-1]["acc"] if history else 0.0
-        bar = self.bar(self.params["rounds"], "rounds", initial=start)
-        t0 = time.perf_counter()
-        for rnd in range(start, self.params["rounds"]):
-            if acc > self.params["stop_acc"]:
-                break
-            for _ in range(self.params["train_steps"]):
-                idx = next(batches)
-                xb = augment_batch((self.x[idx] + delta[idx]).clamp(0, 1), self.pad, True, self.gen)
-                xa = xb + self.attack_rho(model, xb, self.y[idx])
-                model.train()
-                loss = F.cross_entropy(model(xa), self.y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            delta = self.minimize_noise(model, delta)
-            loss_p = self.mean_loss(model, delta)
-            acc = self.accuracy(model, delta)
-            history.append({"loss": loss_p, "acc": acc})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_p:.4f}", surrogate_acc=f"{acc:.1f}")
-            self.save_ckpt({"model": model.state_dict(), "opt": opt.state_dict(), "delta": delta.cpu(),
-                            "round": rnd + 1, "history": torch.tensor([[h["loss"], h["acc"]] for h in history])})
-        bar.close()
-        self.info_ = {"surrogate_acc_poisoned": acc, "rounds_run": len(history), "history": history,
-                      "surrogate_loss_clean": self.mean_loss(model), "timings_s_rounds": time.perf_counter() - t0}
+
+        def train_loss(model: nn.Module, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+            xb = augment_batch((self.x[idx] + delta[idx]).clamp(0, 1), self.pad, True, self.gen)
+            xa = xb + self.attack_rho(model, xb, self.y[idx])
+            model.train()
+            return F.cross_entropy(model(xa), self.y[idx])
+
+        _, delta = self.run_min_min(train_loss, self.minimize_noise)
         return delta
 
     def attack_rho(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
