@@ -175,6 +175,35 @@ def test_ar_noise_is_linearly_separable_by_its_filter_responses():
     assert (energy.argmin(1) == ds.y_train).mean() > 0.9  # each class's own filter responds least
 
 
+@pytest.mark.parametrize("name", ["lsp", "ar"])
+def test_l2_noise_spends_its_whole_budget_after_clipping(name):
+    """Half-black images (like Fashion-MNIST) clip away part of a zero-mean pattern; fitting after the clip
+    keeps the stored change at the bound, scaling before it does not."""
+    ds = make_synthetic(n=60, size=16, channels=1, classes=3, seed=4)
+    x = ds.x_train.copy()
+    x[:, :, :8] = 0  # left half saturated black
+    fit = make_attack(name, seed=0, progress=False).poison(x, ds.y_train)
+    raw = make_attack(name, seed=0, progress=False, fit_after_clip=False).poison(x, ds.y_train)
+    eps = fit.info["eps"]
+    assert fit.info["bound_check"]["mean_l2"] > 0.97 * eps
+    assert raw.info["bound_check"]["mean_l2"] < 0.95 * eps
+    assert fit.info["bound_check"]["max_l2"] <= fit.info["bound_check"]["limit"]
+
+
+def test_ar_filters_are_stable_and_textured():
+    from unpoison.attacks.ar import _peakiness, ar_generate, high_freq_fraction, stable_coefficients
+
+    g = torch.Generator().manual_seed(3)
+    coef = stable_coefficients(6, 1, (16, 16), 2, 5.0, g, min_hf=0.5)
+    noise = ar_generate(coef.repeat_interleave(8, 0), (16, 16), g, 2)
+    assert (high_freq_fraction(noise).view(6, 8).median(1).values >= 0.4).all()
+    assert (_peakiness(noise).view(6, 8).median(1).values < 6.0).all()
+    # the criterion bites: unselected random filters include smooth ramps
+    raw = stable_coefficients(6, 1, (16, 16), 2, 1e9, torch.Generator().manual_seed(3))
+    smooth = high_freq_fraction(ar_generate(raw.repeat_interleave(8, 0), (16, 16), g, 2))
+    assert (smooth < 0.5).any()
+
+
 def test_ratio_poisons_exactly_that_fraction(small):
     for ratio in (0.25, 0.3, 1.0):
         res = make_attack("lsp", seed=5, progress=False).poison(small.x_train, small.y_train, ratio=ratio)
@@ -278,3 +307,17 @@ def test_apply_perturbation_api_checks_shape():
         apply_perturbation(x, np.zeros((4, 8, 7, 1), np.float32), "linf", 8 / 255)
     res = apply_perturbation(x, np.full((8, 8, 1), 3, np.int64), "linf", 8 / 255, ratio=0.5)
     assert len(res.indices) == 2 and res.delta.sum() == 2 * 64 * 3
+
+
+def test_ops_gives_every_class_its_own_pixel_on_a_constant_background():
+    """Black borders make every border pixel tie for every class; the shortcut needs distinct positions."""
+    ds = make_synthetic(n=50, size=12, channels=1, classes=5, seed=1)
+    x = ds.x_train.copy()
+    x[:, :3], x[:, -3:], x[:, :, :3], x[:, :, -3:] = 0, 0, 0, 0
+    res = make_attack("ops", progress=False).poison(x, ds.y_train)
+    pos = [tuple(v["positions"][0]) for v in res.info["pixels"].values()]
+    assert len(set(pos)) == 5
+    assert all(v["colours"] == [[255]] for v in res.info["pixels"].values())  # white on black
+    # spread out: no two classes' pixels are neighbours
+    d = [max(abs(a[0] - b[0]), abs(a[1] - b[1])) for i, a in enumerate(pos) for b in pos[i + 1:]]
+    assert min(d) >= 2

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .base import Attack, project, register_attack
+from .base import Attack, fit_l2_after_clip, project, register_attack
 
 
 def ar_coefficients(num_classes: int, channels: int, gen: torch.Generator) -> torch.Tensor:
@@ -52,24 +52,39 @@ def _peakiness(noise: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf")))
 
 
-def stable_coefficients(num_classes: int, channels: int, size: tuple[int, int], crop: int, max_peak: float,
-                        gen: torch.Generator, probes: int = 8, tries: int = 200) -> torch.Tensor:
-    """Draw filters until each class's recursion stays spread out (median peak/rms < ``max_peak``).
+def high_freq_fraction(noise: torch.Tensor) -> torch.Tensor:
+    """Share of each image's energy a 3x3 box blur removes (0: smooth ramp, ~1: pixel-scale texture)."""
+    f = noise.flatten(0, 1).unsqueeze(1)
+    low = torch.nn.functional.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+    r = ((f - low).flatten(1).pow(2).sum(1) / f.flatten(1).pow(2).sum(1).clamp_min(1e-300)).view(noise.shape[:2])
+    r = r.mean(1)
+    return torch.where(torch.isfinite(r), r, torch.zeros_like(r))
 
-    Half of the random filters diverge, piling the whole l2 budget onto the last few pixels; the
-    authors released pre-selected filters, this selects them at generation time instead.
+
+def stable_coefficients(num_classes: int, channels: int, size: tuple[int, int], crop: int, max_peak: float,
+                        gen: torch.Generator, probes: int = 8, tries: int = 200, min_hf: float = 0.0) -> torch.Tensor:
+    """Draw filters until each class's recursion stays spread out (median peak/rms < ``max_peak``) and
+    textured (median high-frequency share >= ``min_hf``).
+
+    Half of the random filters diverge, piling the whole l2 budget onto the last few pixels, and many
+    of the rest drift into smooth ramps that every class's filter predicts equally well (the matching
+    filter sums to zero, so it cancels any ramp): neither is a class-specific shortcut. The authors
+    released pre-selected filters; this selects them at generation time instead.
     """
     out = torch.empty(num_classes, channels, 3, 3, dtype=torch.float64)
     best = torch.full((num_classes,), float("inf"), dtype=torch.float64)
     todo = torch.arange(num_classes)
     for _ in range(tries):
         cand = ar_coefficients(len(todo), channels, gen)
-        peak = _peakiness(ar_generate(cand.repeat_interleave(probes, 0), size, gen, crop))
-        peak = peak.view(len(todo), probes).median(1).values
-        better = peak < best[todo]
+        probe = ar_generate(cand.repeat_interleave(probes, 0), size, gen, crop)
+        peak = _peakiness(probe).view(len(todo), probes).median(1).values
+        hf = high_freq_fraction(probe).view(len(todo), probes).median(1).values
+        # one badness score: < 1 means both criteria hold
+        bad = torch.maximum(peak / max_peak, min_hf / hf.clamp_min(1e-12)) if min_hf > 0 else peak / max_peak
+        better = bad < best[todo]
         out[todo[better]] = cand[better]
-        best[todo[better]] = peak[better]
-        todo = todo[best[todo] >= max_peak]
+        best[todo[better]] = bad[better]
+        todo = todo[best[todo] >= 1.0]
         if len(todo) == 0:
             break
     return out
@@ -83,16 +98,21 @@ class AR(Attack):
     PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
         "crop": (int, 4, "rows/columns generated before the image and dropped (start-up margin)"),
         "max_peak": (float, 5.0, "keep only filters whose noise has peak/rms below this (stable recursions)"),
+        "min_hf": (float, 0.5, "keep only filters whose noise has at least this share of energy above a 3x3 blur"),
+        "fit_after_clip": (bool, True, "scale so the l2 bound holds after clipping to [0, 1] (uses the whole budget)"),
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:
         n, h, w, c = x.shape
         g = torch.Generator().manual_seed(self.seed)
-        coef = stable_coefficients(num_classes, c, (h, w), self.params["crop"], self.params["max_peak"], g)
+        coef = stable_coefficients(num_classes, c, (h, w), self.params["crop"], self.params["max_peak"], g,
+                                   min_hf=self.params["min_hf"])
         noise = ar_generate(coef[torch.as_tensor(y)], (h, w), g, self.params["crop"])
         # scale per image in float64 before anything can overflow float32
         noise = noise / noise.abs().flatten(1).max(1).values.clamp_min(1e-300).view(-1, 1, 1, 1)
-        if self.norm_used == "l2":
+        if self.norm_used == "l2" and self.params["fit_after_clip"]:
+            noise = fit_l2_after_clip(x, noise, self.eps)
+        elif self.norm_used == "l2":
             noise = noise * (self.eps / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
         else:
             noise = noise * self.eps

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train import augment_batch
 from ._surrogate import SURROGATE_PARAMS, SurrogateAttack
 from .base import register_attack
 
@@ -30,6 +31,7 @@ class EM(SurrogateAttack):
         "pgd_steps": (int, 20, "noise steps per round (every image)"),
         "step_frac": (float, 0.1, "noise step as a fraction of eps (0.8/255 at 8/255)"),
         "stop_acc": (float, 99.0, "stop once the surrogate's accuracy on poisoned data exceeds this (%)"),
+        "augment": (bool, False, "random crop + flip in surrogate training and (differentiably) in the noise steps"),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
@@ -41,10 +43,16 @@ class EM(SurrogateAttack):
 
         def train_loss(model: torch.nn.Module, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
             model.train()
-            return F.cross_entropy(model((self.x[idx] + delta[idx]).clamp(0, 1)), self.y[idx])
+            return F.cross_entropy(model(self.view((self.x[idx] + delta[idx]).clamp(0, 1))), self.y[idx])
 
         self.surrogate_, delta = self.run_min_min(train_loss, self.minimize_noise)
         return delta
+
+    def view(self, xb: torch.Tensor) -> torch.Tensor:
+        """What the surrogate sees: ``xb`` itself, or a random crop + flip of it with ``augment``."""
+        if not self.params["augment"]:
+            return xb
+        return augment_batch(xb, 2 if xb.shape[-1] < 32 else 4, True, self.gen)
 
     def minimize_noise(self, model: torch.nn.Module, delta: torch.Tensor) -> torch.Tensor:
         model.eval()
@@ -53,7 +61,7 @@ class EM(SurrogateAttack):
             xb, yb, db = self.x[idx], self.y[idx], delta[idx].clone()
             for _ in range(self.params["pgd_steps"]):
                 db.requires_grad_(True)
-                loss = F.cross_entropy(model((xb + db).clamp(0, 1)), yb)
+                loss = F.cross_entropy(model(self.view((xb + db).clamp(0, 1))), yb)
                 (g,) = torch.autograd.grad(loss, db)
                 db = self.pgd_step(db.detach(), g, xb, step, descend=True)
             delta[idx] = db.detach()

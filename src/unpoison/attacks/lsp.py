@@ -4,7 +4,8 @@ No surrogate: each class k gets a Gaussian cluster centre mu_k in a low-dimensio
 per patch and channel: 4 x 4 patches of 8 px on 32 px images, 32 px patches on 224 px); every
 image's noise is ``mu_k + sigma * N(0, I)`` (well-separated clusters: sigma << |mu_k - mu_j|),
 upsampled to full size by repeating each value over its patch, and scaled to the l2 bound
-(PAPER.md: l2 1.0 at CIFAR size, sqrt(d/3072)-scaled elsewhere). The noise alone is linearly
+(PAPER.md: l2 1.0 at CIFAR size, sqrt(d/3072)-scaled elsewhere) *after* clipping to [0, 1]
+(``fit_after_clip``; the original scales first and loses the clipped part). The noise alone is linearly
 separable by class, which is the shortcut the classifier learns.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Attack, project, register_attack
+from .base import Attack, fit_l2_after_clip, project, register_attack
 
 
 def default_patch(size: int) -> int:
@@ -33,6 +34,7 @@ class LSP(Attack):
     PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
         "patch_size": (int, 0, "patch side in pixels (0: 8 px on 32 px images, image/4 below 64 px, 32 above)"),
         "cluster_std": (float, 0.1, "std of each image's noise around its class centre (centres have unit std)"),
+        "fit_after_clip": (bool, True, "scale so the l2 bound holds after clipping to [0, 1] (uses the whole budget)"),
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -44,7 +46,9 @@ class LSP(Attack):
         yt = torch.as_tensor(y)
         low = centres[yt] + self.params["cluster_std"] * torch.randn(n, c, gh, gw, generator=g, dtype=torch.float64)
         noise = F.interpolate(low, scale_factor=patch, mode="nearest")[:, :, :h, :w]
-        if self.norm_used == "l2":
+        if self.norm_used == "l2" and self.params["fit_after_clip"]:
+            noise = fit_l2_after_clip(x, noise, self.eps)
+        elif self.norm_used == "l2":
             noise = noise * (self.eps / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
         else:  # l_inf variant: the sign pattern at full strength
             noise = self.eps * noise / noise.abs().flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
