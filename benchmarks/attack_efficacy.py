@@ -21,7 +21,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from unpoison.data import load_dataset, save_dataset
 from unpoison.evaluate import evaluate
 from unpoison.train import TrainConfig
 from unpoison.utils import manifest, psnr, write_json, write_text_atomic
+from unpoison.viz import residual_image, save_image_grid
 
 ORDER = ["ntga", "em", "tap", "rem", "sep", "lsp", "ar", "ops"]
 #: the paper's larger bounds (l2 quoted at CIFAR size and scaled like the default); l0 stays 1 pixel
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="override the cpu preset's 15 epochs (smoke runs)")
     p.add_argument("--model", default=None, help="override the scoring model (default smallcnn)")
     p.add_argument("--surrogate", default=None, help="override the attacks' surrogate (default per preset)")
+    p.add_argument("--param", action="append", default=[], metavar="ATTACK.NAME=VALUE",
+                   help="override one attack parameter on top of the preset, e.g. tap.pgd_steps=60 (repeatable)")
     p.add_argument("--cache-dir", default="cache/attacks", help="where poisoned sets (npz) are saved")
     p.add_argument("--reuse", action="store_true", help="reuse poisoned sets already in --cache-dir")
     p.add_argument("--out", default="docs/results/attacks.md")
@@ -60,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="tasks (clean + one per attack) run in this many processes")
     p.add_argument("--no-aug-column", action="store_true",
                    help="also score every set without crop + flip (shows what the augmentation defeats)")
+    p.add_argument("--render", action="store_true", help="only re-write --out from its JSON record (no runs)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -101,6 +105,11 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
             raise SystemExit(f"{path} does not match this subset; run without --reuse")
     else:
         params = {"preset": args.attack_preset}
+        for spec in args.param:
+            key, _, value = spec.partition("=")
+            att, _, pname = key.partition(".")
+            if att == name:
+                params[pname] = value  # typed by the attack's PARAMS
         if args.bounds == "large":
             params["eps"] = LARGE.get(ATTACKS.get(name).norm)
         if args.surrogate and "surrogate" in ATTACKS.get(name).PARAMS:
@@ -122,24 +131,71 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     names = [a.strip() for a in args.attacks.split(",") if a.strip()]
     for n in names:
         ATTACKS.get(n)  # unknown name -> UserError before any work
     t_all = time.perf_counter()
     tasks = ["clean", *names]
+    ds, cfg = _setting(args)
+    done: dict[str, dict] = {}
+
+    def record(row: dict) -> None:
+        """Keep the report current after every finished task, so a cut-short run still leaves its rows."""
+        done[row["attack"]] = row
+        if "clean" in done:
+            rows = [done[t] for t in tasks if t in done]
+            for r in rows[1:]:
+                r["drop"] = rows[0]["acc"] - r["acc"]
+            write_report(args, len(ds.x_train), len(ds.x_test), cfg, rows, time.perf_counter() - t_all, sys.argv,
+                         pending=[t for t in tasks if t not in done])
+
     if args.jobs > 1:
         # one process per task, each pinned to --threads (default 1): on a small CPU two single-threaded
         # jobs beat one two-threaded job, and crafting dominates the wall time
         args.threads = args.threads or 1
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            rows = list(pool.map(run_one, [args] * len(tasks), tasks))
+            for fut in as_completed([pool.submit(run_one, args, t) for t in tasks]):
+                record(fut.result())
     else:
-        rows = [run_one(args, t) for t in tasks]
-    for r in rows[1:]:
-        r["drop"] = rows[0]["acc"] - r["acc"]
-    total = time.perf_counter() - t_all
-    ds, cfg = _setting(args)
-    write_report(args, ds, cfg, rows, total)
+        for t in tasks:
+            record(run_one(args, t))
+    save_grid(args, ds.x_train, ds.y_train, names)
+    return 0
+
+
+def save_grid(args: argparse.Namespace, x_clean: np.ndarray, y: np.ndarray, names: list[str]) -> Path | None:
+    """``OUT.png``: one image per class (first 8 classes), clean, then each attack's poisoned image and its
+    perturbation (amplified per attack so the pattern is visible)."""
+    idx = [int(np.flatnonzero(y == c)[0]) for c in np.unique(y)[:8]]
+    rows = {"clean": x_clean[idx]}
+    for name in names:
+        path = Path(args.cache_dir) / f"{name}.npz"
+        if not path.exists():
+            continue
+        xp = load_dataset(path).x_train
+        if xp.shape != x_clean.shape:
+            continue
+        rows[name.upper()] = xp[idx]
+        rows[f"{name.upper()} delta"] = residual_image(xp[idx], x_clean[idx])
+    if len(rows) == 1:
+        return None
+    return save_image_grid(rows, Path(args.out).with_suffix(".png"), n=len(idx),
+                           title="poisoned images and their perturbations (amplified)")
+
+
+def render(args: argparse.Namespace) -> int:
+    """Re-write the Markdown report from the JSON record of an earlier run (after a report change)."""
+    rec = json.loads(Path(args.out).with_suffix(".json").read_text())
+    old = argparse.Namespace(**{**vars(args), **rec["config"], "render": True, "out": args.out})
+    cfg = TrainConfig.preset("cpu", epochs=old.epochs, model=old.model)
+    write_report(old, old.n_train, old.n_test, cfg, rec["rows"], rec["timings_s"]["total"], rec["argv"])
+    if rec.get("note"):  # a hand-written remark kept in the record (e.g. rows withdrawn)
+        out = Path(args.out)
+        write_text_atomic(out, out.read_text() + f"Note: {rec['note']}.\n")
+    ds, _ = _setting(old)
+    save_grid(old, ds.x_train, ds.y_train, [r["attack"] for r in rec["rows"][1:]])
     return 0
 
 
@@ -153,15 +209,16 @@ def _eps_text(norm: str | None, eps: float | None) -> str:
     return f"l0 {eps:.0f} px"
 
 
-def write_report(args: argparse.Namespace, ds, cfg: TrainConfig, rows: list[dict], total: float) -> None:
+def write_report(args: argparse.Namespace, n_train: int, n_test: int, cfg: TrainConfig, rows: list[dict],
+                 total: float, argv: list[str], pending: list[str] | None = None) -> None:
     out = Path(args.out)
     clean = rows[0]["acc"]
     lines = [
         "# Attack efficacy (Fashion-MNIST subset, CPU presets)",
         "",
-        f"Generated by `python {' '.join(sys.argv)}` in {total / 60:.1f} min.",
+        f"Generated by `python {' '.join(argv)}` in {total / 60:.1f} min.",
         "",
-        f"- data: {args.dataset}, stratified subset n_train={len(ds.x_train)}, n_test={len(ds.x_test)} "
+        f"- data: {args.dataset}, stratified subset n_train={n_train}, n_test={n_test} "
         f"(seed {args.seed}), 100% of the training split poisoned",
         f"- attacks: `{args.attack_preset}` preset; bounds: "
         + ("paper defaults" if args.bounds == "paper" else "the paper's larger variants (l_inf 16/255, l2 2.0)")
@@ -178,15 +235,20 @@ def write_report(args: argparse.Namespace, ds, cfg: TrainConfig, rows: list[dict
     ]
     for r in rows[1:]:
         sur = "-" if r["surrogate_acc"] is None else f"{r['surrogate_acc']:.1f}"
+        if r.get("target_hit_rate") is not None:
+            sur += f" (target hit {r['target_hit_rate']:.1f})"
         lines.append(f"| {r['attack'].upper()} | {_eps_text(r['norm'], r['eps'])} | {r['psnr']:.2f} | {sur} | "
                      f"{r['acc']:.2f} | {r['drop']:.1f} | {'yes' if r['drop'] >= 40 else '**no**'} | "
                      + (f"{r['acc_no_aug']:.2f} | " if args.no_aug_column else "")
                      + f"{r['craft_s']:.0f} | {r['train_s']:.0f} |")
     misses = [r["attack"].upper() for r in rows[1:] if r["drop"] < 40]
     lines += ["", "Attacks below the 40-point target: " + (", ".join(misses) if misses else "none") + ".", ""]
+    if pending:
+        lines += [f"Partial report: not finished yet: {', '.join(pending)}.", ""]
     write_text_atomic(out, "\n".join(lines))
-    write_json(out.with_suffix(".json"), manifest("benchmarks/attack_efficacy.py", vars(args), args.seed,
-                                                  {"total": total}, rows=rows))
+    if not args.render:
+        write_json(out.with_suffix(".json"), manifest("benchmarks/attack_efficacy.py", vars(args), args.seed,
+                                                      {"total": total}, rows=rows))
     print(f"wrote {out}")
 
 

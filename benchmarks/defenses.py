@@ -15,6 +15,8 @@ are kept in ``--out``'s JSON twin so a killed run resumes where it stopped. Writ
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import sys
 import time
@@ -23,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from unpoison.attacks import ATTACKS
+from unpoison.attacks.base import Attack
 from unpoison.data import ImageDataset, load_dataset
 from unpoison.defenses import DEFENSES, make_purifier, make_train_defense
 from unpoison.evaluate import evaluate
@@ -64,19 +68,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def available_attacks(wanted: list[str]) -> tuple[list[str], list[str]]:
-    try:
-        from unpoison.attacks import ATTACKS
-    except ImportError:
-        return [], wanted
     have = [a for a in wanted if a in ATTACKS]
     return have, [a for a in wanted if a not in ATTACKS]
+
+
+def attack_code(attack: str) -> str:
+    """A short hash of an attack's default parameters and source (its module and the shared base), so a
+    changed attack never reuses a stale cached poison or a finished cell."""
+    cls = ATTACKS.get(attack)
+    src = Path(inspect.getfile(cls)).read_bytes() + Path(inspect.getfile(Attack)).read_bytes()
+    return hashlib.sha1(src + json.dumps(cls().get_params(), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def poisoned_train(ds: ImageDataset, attack: str, args: argparse.Namespace) -> tuple[np.ndarray, dict[str, Any]]:
     """The poisoned training images for ``attack``, from the cache when an identical run made them."""
     from unpoison.attacks import make_attack
 
-    key = f"{Path(str(args.data)).name}_{attack}_n{len(ds.x_train)}_seed{args.seed}.npz"
+    key = f"{Path(str(args.data)).name}_{attack}_n{len(ds.x_train)}_seed{args.seed}_{attack_code(attack)}.npz"
     path = Path(args.cache_dir) / key
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -225,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("quiet", "out", "cache_dir", "device")}
+    """What a finished cell depends on; a resumed run keeps cells only when all of it matches."""
+    out = {k: v for k, v in vars(args).items() if k not in ("quiet", "out", "cache_dir", "device")}
+    wanted = [a.strip() for a in str(args.attacks).split(",") if a.strip() and a.strip() in ATTACKS]
+    return {**out, "attack_code": {a: attack_code(a) for a in wanted}}
 
 
 if __name__ == "__main__":

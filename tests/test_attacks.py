@@ -321,3 +321,15 @@ def test_ops_gives_every_class_its_own_pixel_on_a_constant_background():
     # spread out: no two classes' pixels are neighbours
     d = [max(abs(a[0] - b[0]), abs(a[1] - b[1])) for i, a in enumerate(pos) for b in pos[i + 1:]]
     assert min(d) >= 2
+
+
+@pytest.mark.parametrize("name", ["tap", "sep"])
+def test_gradient_attacks_reach_saturated_pixels(name):
+    """torch's clamp has zero gradient at exactly 0 and 1; a clamp in the graph froze black backgrounds."""
+    ds = make_synthetic(n=40, size=12, channels=1, classes=2, seed=3)
+    x = ds.x_train.copy()
+    x[:, :, :6] = 0  # left half black, like Fashion-MNIST's background
+    res = make_attack(name, seed=0, progress=False, **TINY[name]).poison(x, ds.y_train)
+    moved = np.abs(res.delta[:, :, :6]) > 0
+    assert moved.mean() > 0.1
+    assert (res.delta[:, :, :6] >= 0).all()  # and only upwards: the image stays in [0, 255]

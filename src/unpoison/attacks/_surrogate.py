@@ -35,6 +35,14 @@ SURROGATE_PARAMS: dict[str, tuple[type, Any, str]] = {
 }
 
 
+def poisoned(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``x + delta`` for a ``delta`` kept valid by :meth:`SurrogateAttack.clip_valid`, without a clamp in
+    the autograd graph: torch's clamp passes *zero* gradient at exactly 0 and 1, so ``(x + delta).clamp(0, 1)``
+    would freeze every saturated pixel (half of Fashion-MNIST, its black background) at its start value and
+    leave the perturbation only the object to work with."""
+    return x + delta
+
+
 class SurrogateAttack(Attack):
     """Base of the surrogate attacks: data on device, model factory, PGD, checkpoints, progress."""
 

@@ -170,6 +170,12 @@ def quantize(x: torch.Tensor | np.ndarray, delta: torch.Tensor | np.ndarray, nor
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
 class Attack:
     """Base class. Subclasses set the class attributes and implement :meth:`_craft`.
 
@@ -224,7 +230,7 @@ class Attack:
         merged.update(self.PRESETS[preset])
         for k, v in params.items():
             if v is not None:
-                merged[k] = self.PARAMS[k][0](v) if self.PARAMS[k][0] is not bool else bool(v)
+                merged[k] = self.PARAMS[k][0](v) if self.PARAMS[k][0] is not bool else _as_bool(v)
         self.params = merged
         self.eps = self.eps_nominal
         self.info_: dict[str, Any] = {}

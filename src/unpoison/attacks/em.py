@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train import augment_batch
-from ._surrogate import SURROGATE_PARAMS, SurrogateAttack
+from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
 
@@ -43,7 +43,7 @@ class EM(SurrogateAttack):
 
         def train_loss(model: torch.nn.Module, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
             model.train()
-            return F.cross_entropy(model(self.view((self.x[idx] + delta[idx]).clamp(0, 1))), self.y[idx])
+            return F.cross_entropy(model(self.view(poisoned(self.x[idx], delta[idx]))), self.y[idx])
 
         self.surrogate_, delta = self.run_min_min(train_loss, self.minimize_noise)
         return delta
@@ -61,7 +61,7 @@ class EM(SurrogateAttack):
             xb, yb, db = self.x[idx], self.y[idx], delta[idx].clone()
             for _ in range(self.params["pgd_steps"]):
                 db.requires_grad_(True)
-                loss = F.cross_entropy(model(self.view((xb + db).clamp(0, 1))), yb)
+                loss = F.cross_entropy(model(self.view(poisoned(xb, db))), yb)
                 (g,) = torch.autograd.grad(loss, db)
                 db = self.pgd_step(db.detach(), g, xb, step, descend=True)
             delta[idx] = db.detach()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train import augment_batch
-from ._surrogate import SURROGATE_PARAMS, SurrogateAttack
+from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
 
@@ -48,7 +48,7 @@ class REM(SurrogateAttack):
         self.pad = 2 if self.x.shape[-1] < 32 else 4
 
         def train_loss(model: nn.Module, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-            xb = augment_batch((self.x[idx] + delta[idx]).clamp(0, 1), self.pad, True, self.gen)
+            xb = augment_batch(poisoned(self.x[idx], delta[idx]), self.pad, True, self.gen)
             xa = xb + self.attack_rho(model, xb, self.y[idx])
             model.train()
             return F.cross_entropy(model(xa), self.y[idx])
@@ -65,10 +65,11 @@ class REM(SurrogateAttack):
         model.eval()
         xb = xb.detach()
         rho = (torch.rand(xb.shape, device=xb.device, generator=self.gen) * 2 - 1) * r
+        rho = (xb + rho).clamp(0, 1) - xb
         step = 2.5 * r / steps
         for _ in range(steps):
             rho.requires_grad_(True)
-            loss = F.cross_entropy(model((xb + rho).clamp(0, 1)), yb)
+            loss = F.cross_entropy(model(poisoned(xb, rho)), yb)
             (g,) = torch.autograd.grad(loss, rho)
             rho = ((rho.detach() + step * g.sign()).clamp(-r, r) + xb).clamp(0, 1) - xb
         return rho.detach()
@@ -82,7 +83,7 @@ class REM(SurrogateAttack):
                 for _ in range(max(1, self.params["eot"])):
                     # one shared crop/flip for the whole sum keeps the gradient aligned with delta's pixels
                     db.requires_grad_(True)
-                    xa = augment_batch((xb + db).clamp(0, 1), self.pad, True, self.gen)
+                    xa = augment_batch(poisoned(xb, db), self.pad, True, self.gen)
                     rho = self.attack_rho(model, xa.detach(), yb)
                     model.eval()
                     loss = F.cross_entropy(model(xa + rho), yb)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._surrogate import SURROGATE_PARAMS, FeatureTap, SurrogateAttack
+from ._surrogate import SURROGATE_PARAMS, FeatureTap, SurrogateAttack, poisoned
 from .base import register_attack
 
 
@@ -44,7 +44,7 @@ class SEP(SurrogateAttack):
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
-        "cpu": {"surrogate": "smallcnn", "train_epochs": 6, "n_checkpoints": 3, "pgd_steps": 8,
+        "cpu": {"surrogate": "smallcnn", "train_epochs": 15, "n_checkpoints": 3, "pgd_steps": 8,
                 "step_frac": 0.25, "vr_inner": 2},
     }
     RESUMABLE: ClassVar[frozenset[str]] = frozenset()
@@ -121,7 +121,7 @@ class SEP(SurrogateAttack):
         """Gradient of the FA loss (1 - cosine to the target centroid) of checkpoint ``i`` w.r.t. delta."""
         db = db.detach().requires_grad_(True)
         with FeatureTap(model) as tap:
-            model((xb + db).clamp(0, 1))
+            model(poisoned(xb, db))
             f = F.normalize(tap.feat.flatten(1), dim=1)
         loss = (1 - (f * self.centroids[i][tb]).sum(1)).mean()
         (g,) = torch.autograd.grad(loss, db)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train import augment_batch
-from ._surrogate import SURROGATE_PARAMS, SurrogateAttack
+from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
 
@@ -36,7 +36,7 @@ class TAP(SurrogateAttack):
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
-        "cpu": {"surrogate": "smallcnn", "train_epochs": 6, "pgd_steps": 20, "step_frac": 0.2},
+        "cpu": {"surrogate": "smallcnn", "train_epochs": 15, "pgd_steps": 20, "step_frac": 0.2},
     }
     RESUMABLE: ClassVar[frozenset[str]] = frozenset()
 
@@ -81,7 +81,7 @@ class TAP(SurrogateAttack):
         loss = torch.zeros(())
         for _ in range(self.params["pgd_steps"]):
             db.requires_grad_(True)
-            xa = (xb + db).clamp(0, 1)
+            xa = poisoned(xb, db)
             if self.params["augment"]:
                 xa = augment_batch(xa, pad, True, self.gen)
             loss = F.cross_entropy(model(xa), tb)
