@@ -156,3 +156,47 @@ def test_fuzz_bases_are_valid(fuzz_dir: Path) -> None:
     (root / "train-images-idx3-ubyte").write_bytes(_valid_idx_images())
     (root / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 8]) + bytes([0, 1] * 4))
     assert load_dataset(f"idx:{root}").x_train.shape == (8, 6, 6, 1)
+
+
+# --- the other parsers of untrusted bytes (fewer examples: the CIFAR/SVHN checks have their own tests) -------
+SMALL_FUZZ = settings(FUZZ, max_examples=60)
+
+
+@pytest.fixture(scope="module")
+def cifar_base(fuzz_dir: Path) -> tuple[Path, bytes, bytes]:
+    from unpoison.data import save_dataset
+
+    root = fuzz_dir / "cifar"
+    save_dataset(make_synthetic(n=10, size=32, channels=3, classes=2, seed=0), root, "cifar10")
+    return root, (root / "batches.meta").read_bytes(), (root / "data_batch_1").read_bytes()
+
+
+def _mat_bytes(compressed: bool) -> bytes:
+    import scipy.io
+
+    ds = make_synthetic(n=4, size=32, channels=3, classes=3, seed=0)
+    b = io.BytesIO()
+    scipy.io.savemat(b, {"X": ds.x_train.transpose(1, 2, 3, 0), "y": (ds.y_train + 1).astype(np.uint8)[:, None]},
+                     do_compression=compressed)
+    return b.getvalue()
+
+
+@SMALL_FUZZ
+@given(data=st.data(), which=st.sampled_from(["batches.meta", "data_batch_1"]))
+def test_cifar_reader_any_bytes(cifar_base: tuple[Path, bytes, bytes], data: st.DataObject, which: str) -> None:
+    root, meta, batch = cifar_base
+    base = meta if which == "batches.meta" else batch
+    blob = data.draw(st.one_of(_mutated(base), st.binary(max_size=512)))
+    (root / "batches.meta").write_bytes(meta)
+    (root / "data_batch_1").write_bytes(batch)
+    (root / which).write_bytes(blob)
+    _outcome(f"cifar10:{root}")
+
+
+@SMALL_FUZZ
+@given(data=st.one_of(_mutated(_mat_bytes(False)), _mutated(_mat_bytes(True)), st.binary(max_size=512)))
+def test_svhn_reader_any_bytes(fuzz_dir: Path, data: bytes) -> None:
+    root = fuzz_dir / "svhn"
+    root.mkdir(exist_ok=True)
+    (root / "train_32x32.mat").write_bytes(data)
+    _outcome(f"svhn:{root}")
