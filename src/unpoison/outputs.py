@@ -344,23 +344,36 @@ def _fsync(path: Path, directory: bool = False) -> None:
 
 
 def _sync_tree(path: Path) -> None:
-    """Flush the new content before it becomes visible (a power cut then shows old or new, not empty files)."""
+    """Flush the new content before it becomes visible (a power cut then shows old or new, not empty files).
+
+    A file is fsynced; a folder's file system is flushed once (``syncfs``; ``sync`` elsewhere): an fsync
+    per file made writing an 11,000-PNG image folder 10x slower (47 s instead of 5 s)."""
     if path.is_dir():
-        for root, _, files in os.walk(path):
-            for f in files:
-                _fsync(Path(root, f))
-            _fsync(Path(root), directory=True)
+        fn = _libc_fn("syncfs")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            if fn is None or fn(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
     elif path.exists():
         _fsync(path)
 
 
-@functools.lru_cache(maxsize=1)
-def _renameat2() -> Callable[..., int] | None:
+@functools.lru_cache(maxsize=4)
+def _libc_fn(name: str) -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        f = ctypes.CDLL(None, use_errno=True).renameat2
+        return getattr(ctypes.CDLL(None, use_errno=True), name)  # type: ignore[no-any-return]
     except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    f = _libc_fn("renameat2")
+    if f is None:
         return None
     f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     f.restype = ctypes.c_int
