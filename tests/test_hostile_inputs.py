@@ -167,3 +167,15 @@ def test_broken_pipe_is_one_line(monkeypatch, capsys) -> None:  # type: ignore[n
     rc = main(["info", "synthetic:n=64,size=4,channels=1,classes=4"])
     err = capsys.readouterr().err
     assert rc == 2 and "broken pipe" in _one_line(err)
+
+
+def test_memory_budget_applies_to_loads_not_to_memory_maps(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """UNPOISON_MAX_MEMORY caps what a load allocates; a memory-mapped npy folder is paged in, not allocated."""
+    save_dataset(make_synthetic(n=64, size=16, channels=3, classes=2), tmp_path / "d", "npy")
+    monkeypatch.setenv("UNPOISON_MAX_MEMORY", "16K")
+    with pytest.raises(UserError, match="memory budget"):
+        load_dataset(tmp_path / "d")
+    assert load_dataset(tmp_path / "d", mmap=True).x_train.shape == (64, 16, 16, 3)
+    monkeypatch.setenv("UNPOISON_MAX_MEMORY", "lots")
+    with pytest.raises(UserError, match="UNPOISON_MAX_MEMORY"):
+        load_dataset(tmp_path / "d")

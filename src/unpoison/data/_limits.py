@@ -101,8 +101,11 @@ def npy_nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return n * dtype.itemsize
 
 
-def check_npy_file(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Check a ``.npy`` file's header against its size and the budget; return (shape, dtype)."""
+def check_npy_file(path: Path, mmap: bool = False) -> tuple[tuple[int, ...], np.dtype]:
+    """Check a ``.npy`` file's header against its size (and, unless it is memory-mapped, the budget).
+
+    A memory-mapped array may be larger than RAM (that is what the ``npy`` format is for): it is paged
+    in as used, so only the claim against the file's real size is checked."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -114,5 +117,6 @@ def check_npy_file(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     if size - data_start != need:
         raise UserError(f"header says shape {shape} {dtype} ({human(need)}) but the file holds "
                         f"{human(max(size - data_start, 0))} of data", path)
-    check_alloc(need, f"array {shape} {dtype}", path)
+    if not mmap:
+        check_alloc(need, f"array {shape} {dtype}", path)
     return shape, dtype

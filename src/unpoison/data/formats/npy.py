@@ -23,7 +23,7 @@ _MAX_JSON = 16 << 20
 
 
 def _load(path: Path, mmap: bool) -> np.ndarray:
-    check_npy_file(path)  # header vs file size vs memory budget, before numpy allocates what it claims
+    check_npy_file(path, mmap)  # header vs file size (vs memory budget), before numpy allocates what it claims
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as e:  # object arrays (would need pickle), bad header
