@@ -10,7 +10,7 @@ CAN_APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] |
 .PHONY: demo test lint bench-smoke data venv clean
 
 demo: $(STAMP) data
-	$(BIN)/unpoison demo --out demo-out
+	$(BIN)/unpoison demo --out demo-out --overwrite
 
 test: $(STAMP)
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1 || echo "(Fashion-MNIST not installed: tests that need it are skipped)"

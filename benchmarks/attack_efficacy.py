@@ -118,7 +118,7 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
                           **params).poison(ds.x_train, ds.y_train)
         pois = ds.replace(x_train=res.x, source=f"{args.dataset}+{name}")
         info = res.info
-        save_dataset(pois, path, "npz")
+        save_dataset(pois, path, "npz", overwrite=True)  # our own cache: replaced (only if unpoison wrote it)
         write_json(cache / f"{name}.json", info)
     craft_s = time.perf_counter() - t0
     s = score(pois, name)

@@ -8,6 +8,7 @@ import torch
 
 from unpoison._registry import Registry
 from unpoison.errors import UserError
+from unpoison.outputs import write_marker
 from unpoison.utils import atomic_path, parse_fraction, pick_device, psnr, psnr_per_image
 
 
@@ -39,6 +40,10 @@ def test_atomic_dir_swap(tmp_path) -> None:
     with atomic_path(final, is_dir=True) as tmp:
         tmp.mkdir()
         (tmp / "a").write_text("1")
+    with pytest.raises(UserError, match="not written by unpoison"), atomic_path(final, is_dir=True) as tmp:
+        tmp.mkdir()  # an unmarked folder is never replaced
+    assert sorted(p.name for p in final.iterdir()) == ["a"]
+    write_marker(final, "test")
     with atomic_path(final, is_dir=True) as tmp:
         tmp.mkdir()
         (tmp / "b").write_text("2")

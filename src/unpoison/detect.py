@@ -19,6 +19,7 @@ import numpy as np
 
 from .data import ImageDataset
 from .errors import UserError
+from .outputs import Policy
 from .utils import Timer, atomic_path
 
 
@@ -120,12 +121,12 @@ def detect_poison(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: 
     return DetectResult(scores=scores, flags=flags, info=info)
 
 
-def write_scores_csv(path: str, res: DetectResult, y: np.ndarray) -> None:
-    """``index,label,score,flag`` per training image, written atomically."""
+def write_scores_csv(path: str, res: DetectResult, y: np.ndarray, policy: Policy = "internal") -> None:
+    """``index,label,score,flag`` per training image, written atomically (``policy``: see unpoison.outputs)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["index", "label", "score", "flag"])
     for i, (lab, s, f) in enumerate(zip(y, res.scores, res.flags)):
         w.writerow([i, int(lab), f"{s:.6f}", int(bool(f))])
-    with atomic_path(path) as tmp:
+    with atomic_path(path, policy=policy) as tmp:
         tmp.write_text(buf.getvalue())

@@ -6,6 +6,8 @@ bug and keeps its traceback. Library callers can catch it like a ``ValueError``.
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from pathlib import Path
 
 
@@ -14,10 +16,64 @@ class UserError(ValueError):
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = None if path is None else str(path)
-        super().__init__(f"{path}: {message}" if path is not None else message)
+        super().__init__(f"{printable(path)}: {message}" if path is not None else message)
+
+
+class NonFiniteError(UserError):
+    """Training or its output went NaN/inf: nothing is written (a silent garbage result is worse)."""
 
 
 def check(cond: bool, message: str, path: str | Path | None = None) -> None:
     """Raise :class:`UserError` unless ``cond`` holds."""
     if not cond:
         raise UserError(message, path)
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control and other non-printing characters become escapes.
+
+    A file or class name may hold ``\\x1b[...`` sequences (or a newline): printed raw they would
+    rewrite the terminal or split the promised one-line error.
+    """
+    s = str(text)
+    if s.isprintable():
+        return s
+    out = []
+    for ch in s:
+        if ch.isprintable():
+            out.append(ch)
+        elif unicodedata.category(ch) == "Zs":
+            out.append(" ")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def check_finite(value: float, what: str) -> float:
+    """``value`` if it is a finite number, else a :class:`UserError` naming ``what``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{what} must be a number, got {printable(value)!s}") from None
+    if not math.isfinite(v):
+        raise UserError(f"{what} must be a finite number, got {v}")
+    return v
+
+
+#: seeds are handed to numpy (< 2**32 after folding), torch (< 2**64) and derived as seed * 1000 + k
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: object, what: str = "--seed") -> int:
+    """A seed in [0, 2**32 - 1]; anything else (negative, 10**20, 1.5) is a :class:`UserError`."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            as_int = int(seed)  # type: ignore[call-overload]
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{what} must be an integer in [0, {SEED_MAX}], got {printable(seed)}") from None
+        if as_int != seed:
+            raise UserError(f"{what} must be an integer in [0, {SEED_MAX}], got {printable(seed)}")
+        seed = as_int
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"{what} must be an integer in [0, {SEED_MAX}], got {seed}")
+    return int(seed)

@@ -8,6 +8,8 @@ and no per-image Python loop.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageDataset
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .models import create_model
 from .utils import pick_device, seed_everything
 
@@ -57,6 +59,28 @@ class TrainConfig:
             if v is not None:
                 setattr(cfg, k, v)
         return cfg
+
+    def check(self) -> TrainConfig:
+        """Ranges at the boundary: a negative or infinite learning rate is a one-line error, not a NaN model."""
+        for k in ("epochs", "batch_size", "eval_every"):
+            if not isinstance(getattr(self, k), numbers.Integral) or getattr(self, k) < 1:
+                raise UserError(f"{k} must be an integer >= 1, got {getattr(self, k)}")
+        if not isinstance(self.crop_pad, numbers.Integral) or self.crop_pad < 0:
+            raise UserError(f"crop_pad must be an integer >= 0, got {self.crop_pad}")
+        for k, lo, hi, lo_open in (("lr", 0.0, math.inf, True), ("momentum", 0.0, 1.0, False),
+                                   ("weight_decay", 0.0, math.inf, False), ("label_smoothing", 0.0, 1.0, False)):
+            v = float(getattr(self, k))
+            if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+                raise UserError(f"{k} must be a finite number {'>' if lo_open else '>='} {lo}"
+                                f"{'' if hi == math.inf else f' and <= {hi}'}, got {v}")
+        return self
+
+
+def check_finite_loss(value: float, what: str, epoch: int, hint: str = "--lr", unit: str = "epoch") -> None:
+    """Stop a run whose loss went NaN/inf (checked once an epoch on a sum the loop already synced)."""
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} diverged: loss is {value} at {unit} {epoch}; nothing was written "
+                             f"(a smaller {hint} may help)")
 
 
 @dataclass
@@ -142,8 +166,7 @@ def train_classifier(
     if test.image_shape != train.image_shape or test.num_classes != train.num_classes:
         raise UserError(f"test split {test.image_shape}/{test.num_classes} classes does not match training "
                         f"data {train.image_shape}/{train.num_classes} classes", test.source)
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UserError("epochs and batch size must be >= 1")
+    cfg.check()
     dev = pick_device(device)
     seed_everything(seed)
     gen = torch.Generator(device=dev)
@@ -188,6 +211,7 @@ def train_classifier(
             tot_loss += loss.detach() * len(idx)
             tot_correct += (out.argmax(1) == yb).sum()
         rec = {"epoch": ep + 1, "train_loss": tot_loss.item() / n, "train_acc": tot_correct.item() / n * 100}
+        check_finite_loss(rec["train_loss"], f"{desc}: classifier training", ep + 1, "--lr")
         if (ep + 1) % cfg.eval_every == 0 or ep + 1 == cfg.epochs:
             acc, per_class = accuracy(model, x_te, y_te, train.num_classes)
             rec["test_acc"] = acc

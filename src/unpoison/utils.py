@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, check_seed
+from .outputs import Policy, atomic_path  # noqa: F401  (the one atomic writer; re-exported for callers)
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -37,7 +35,10 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a CPU generator for explicit sampling."""
+    """Seed python, numpy and torch; return a CPU generator for explicit sampling.
+
+    A seed outside [0, 2**32 - 1] is a :class:`UserError` (torch overflows on 10**20, numpy refuses -1)."""
+    seed = check_seed(seed, "seed")
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -83,41 +84,13 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, sort_keys=False)
 
 
-@contextlib.contextmanager
-def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto ``final`` only if the block succeeds.
-
-    A crash or exception leaves ``final`` untouched (old content kept, or absent) and removes the
-    temporary. Directories are swapped in by rename too (the old one is removed after the swap).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp / final.name  # does not exist yet: the caller creates a file or a directory there
-    try:
-        yield target
-        if is_dir:
-            old = None
-            if final.exists():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
-                os.replace(final, old)
-            os.replace(target, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(target, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text_atomic(path: str | Path, text: str, policy: Policy = "internal") -> None:
+    with atomic_path(path, policy=policy) as tmp:
         tmp.write_text(text)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, to_json(obj) + "\n")
+def write_json(path: str | Path, obj: Any, policy: Policy = "internal") -> None:
+    write_text_atomic(path, to_json(obj) + "\n", policy)
 
 
 def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.fingerprint import content_fingerprint
 from ..errors import UserError
 from ..models import create_model
-from ..train import augment_batch
+from ..train import augment_batch, check_finite_loss
 from ..utils import atomic_path
 from .base import Attack, project, to_float_nchw
 
@@ -53,6 +54,8 @@ class SurrogateAttack(Attack):
 
     # --- set-up ----------------------------------------------------------------------------------
     def setup(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
+        # resume key: the images and labels themselves, not their shape (a changed image must not resume)
+        self.data_fp = content_fingerprint(x, np.asarray(y).astype(np.int64, copy=False))
         self.x = to_float_nchw(x, self.device)
         self.y = torch.as_tensor(y, device=self.device)
         self.num_classes = num_classes
@@ -110,6 +113,7 @@ class SurrogateAttack(Attack):
                 correct += int((out.argmax(1) == self.y[idx]).sum())
                 loss_sum += float(loss.detach()) * len(idx)
             acc = 100.0 * correct / len(self.x)
+            check_finite_loss(loss_sum, f"{self.name}: surrogate training", ep + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / len(self.x):.3f}", acc=f"{acc:.1f}")
             if on_epoch is not None:
@@ -148,6 +152,7 @@ class SurrogateAttack(Attack):
                 opt.step()
             delta = minimize_noise(model, delta)
             loss_p = self.mean_loss(model, delta)
+            check_finite_loss(loss_p, f"{self.name}: min-min", rnd + 1, unit="round")  # before it is checkpointed
             acc = self.accuracy(model, delta)
             history.append({"loss": loss_p, "acc": acc})
             bar.update(1)
@@ -208,8 +213,7 @@ class SurrogateAttack(Attack):
     def fingerprint(self) -> str:
         params = {k: v for k, v in self.params.items() if k not in self.RESUMABLE}
         key = {"attack": self.name, "eps": self.eps, "norm": self.norm_used, "params": params,
-               "seed": self.seed, "shape": list(self.x.shape),
-               "labels": hashlib.sha1(self.y.cpu().numpy().tobytes()).hexdigest()}
+               "seed": self.seed, "data": self.data_fp}
         return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def ckpt_path(self) -> Path | None:
@@ -234,8 +238,8 @@ class SurrogateAttack(Attack):
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise UserError(f"cannot read checkpoint: {type(e).__name__}: {e}", path) from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint():
-            raise UserError("checkpoint belongs to a different run (data, attack or parameters differ); "
-                            "remove it or run without --resume", path)
+            raise UserError("checkpoint belongs to a different run (the images, labels, attack or parameters "
+                            "differ); remove it or run without --resume", path)
         torch.set_rng_state(state["torch_rng"])
         self.gen.set_state(state["gen_state"])
         self.cpu_gen.set_state(state["cpu_gen_state"])

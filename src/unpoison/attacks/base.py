@@ -30,7 +30,7 @@ import torch
 
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc
-from ..errors import UserError
+from ..errors import NonFiniteError, UserError, check_seed
 from ..utils import pick_device, seed_everything
 
 NORMS = ("linf", "l2", "l0")
@@ -170,6 +170,29 @@ def quantize(x: torch.Tensor | np.ndarray, delta: torch.Tensor | np.ndarray, nor
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+#: parameters that count things and need at least one
+_AT_LEAST_ONE = {"batch_size", "block_size", "eot", "n_checkpoints", "rounds", "train_epochs", "depth"}
+
+
+def _check_param_ranges(name: str, params: dict[str, Any]) -> None:
+    """Numbers at the boundary: finite, not negative, counts >= 1, a learning rate > 0."""
+    for k, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"attack {name}: {k} must be a finite number, got {v}")
+        if v < 0 or (k in _AT_LEAST_ONE and v < 1) or (k == "lr" and v <= 0):
+            bound = "> 0" if k == "lr" else ">= 1" if k in _AT_LEAST_ONE else ">= 0"
+            raise UserError(f"attack {name}: {k} must be {bound}, got {v}")
+
+
+def _check_finite_output(name: str, out: np.ndarray | torch.Tensor) -> None:
+    finite = bool(torch.isfinite(out).all()) if isinstance(out, torch.Tensor) else bool(np.isfinite(out).all())
+    if not finite:
+        raise NonFiniteError(f"attack {name} produced a non-finite perturbation (NaN/inf); nothing was written "
+                             "(a smaller --lr may help)")
+
+
 def _as_bool(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("1", "true", "yes", "on")
@@ -219,7 +242,7 @@ class Attack:
             raise UserError(f"bound must be > 0, got {self.eps_nominal}")
         elif self.norm_used == "linf" and self.eps_nominal > 1:
             check_eps("linf", self.eps_nominal, 1, 1)
-        self.seed = int(seed)
+        self.seed = check_seed(seed, "seed")
         self.device_spec = device
         self.progress = progress
         self.preset = preset
@@ -232,6 +255,7 @@ class Attack:
             if v is not None:
                 merged[k] = self.PARAMS[k][0](v) if self.PARAMS[k][0] is not bool else _as_bool(v)
         self.params = merged
+        _check_param_ranges(self.name, merged)
         self.eps = self.eps_nominal
         self.info_: dict[str, Any] = {}
 
@@ -266,6 +290,7 @@ class Attack:
         out = self._craft(xs, ys, num_classes)
         t2 = time.perf_counter()
         if isinstance(out, torch.Tensor) or out.dtype != np.uint8:
+            _check_finite_output(self.name, out)  # NaN would round to a silent, in-bound garbage result
             out = quantize(xs, out, self.norm_used, self.eps)
         if out.shape != xs.shape:
             raise ValueError(f"{self.name} returned shape {out.shape} for {xs.shape}")

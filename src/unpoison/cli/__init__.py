@@ -8,11 +8,13 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from importlib import import_module
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, check_seed, printable
 
 #: sub-command name -> module (in help order)
 COMMANDS = {
@@ -41,17 +43,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Checks every command shares: float flags finite (``--lr inf``, ``--kld-limit1 nan``), seeds in range."""
+    for key, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = "--" + (key[6:] if key.startswith("param_") else key).replace("_", "-")
+            raise UserError(f"{flag} must be a finite number, got {value}")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
+
+
+def _fail(command: str, message: str) -> int:
+    """The promised single line on stderr (escapes shown, never sent raw), exit code 2."""
+    print(f"unpoison {command}: error: {printable(message)}", file=sys.stderr)
+    return 2
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        check_args(args)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: `unpoison info X | head` fails here, not at exit
+        return rc
     except UserError as e:
-        print(f"unpoison {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(e))
+    except BrokenPipeError:
+        _silence_stdout()
+        return _fail(args.command, "output closed early (broken pipe)")
     except KeyboardInterrupt:
         print(f"unpoison {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        return _fail(args.command, "out of memory (a smaller --batch-size, subset or UNPOISON_MAX_MEMORY may help)")
+    except OSError as e:  # the environment (disk, permissions), not a bug: one line naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(args.command, f"{where}{e.strerror or e}")
+    except RuntimeError as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch
+            return _fail(args.command, f"out of device memory: {str(e).splitlines()[0]} (try a smaller --batch-size)")
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

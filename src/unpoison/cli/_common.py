@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
 def add_device_seed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (only one unpoison wrote: a dataset or folder it marked)")
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
@@ -54,3 +60,29 @@ def add_param_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[type, str
 def given_params(args: argparse.Namespace) -> dict[str, Any]:
     """The method parameters the user set on the command line (``param_*`` not None)."""
     return {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+
+
+def report_dir(output: str | Path) -> Path:
+    """``OUT.report/``: the folder beside a dataset output that holds its manifest, grid and arrays."""
+    out = Path(output).expanduser()
+    return out.with_name(out.name + ".report")
+
+
+def check_dataset_output(output: str | Path, input_spec: str, overwrite: bool, ds: Any = None,
+                         fmt: str | None = None) -> None:
+    """Refuse a dataset OUT (and its report folder) before any work: see :mod:`unpoison.outputs`.
+
+    Called once before loading (existence, OUT = IN) and once after (``ds`` known: the output's
+    kind, file or folder, and the input's resolved location).
+    """
+    from ..data import output_format, spec_path
+    from ..errors import UserError
+    from ..outputs import check_output, guard_inputs
+
+    inputs = [spec_path(input_spec)] + ([ds.source] if ds is not None else [])
+    is_dir = output_format(ds, output, fmt).writes_dir if ds is not None else None
+    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=is_dir)
+    rdir = report_dir(output)
+    guard_inputs(rdir, inputs)
+    if rdir.exists() and not rdir.is_dir():
+        raise UserError("exists and is not a folder (the report folder of the output)", rdir)

@@ -15,17 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from ..data import load_dataset
+from ..data import load_dataset, spec_path
 from ..errors import UserError
-from ..utils import Timer, atomic_path, manifest, psnr, to_json
+from ..outputs import atomic_path, check_output, policy_for, write_marker
+from ..utils import Timer, manifest, psnr, to_json
 from ..viz import residual_image, save_image_grid
-from ._common import add_device_seed, add_quiet
+from ._common import add_device_seed, add_overwrite, add_quiet
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="poison Fashion-MNIST with LSP, purify with D-VAE, score all three",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    add_overwrite(p)
     p.add_argument("--n-train", type=int, default=10000, help="training images (stratified subset; default 10000)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default: the full test split)")
     p.add_argument("--data", default="fmnist", help="dataset spec (default fmnist)")
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_train < 20:
         raise UserError(f"--n-train must be >= 20, got {args.n_train}")
+    if args.n_test is not None and args.n_test < 1:
+        raise UserError(f"--n-test must be >= 1, got {args.n_test}")
+    check_output(args.out, inputs=[spec_path(args.data)], overwrite=args.overwrite, is_dir=True)
     progress = not args.quiet
     timer = Timer()
     with timer("load"):
@@ -112,8 +117,9 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
 def _write(out: Path, table: str, verdict: dict[str, Any], config: dict[str, Any], results: dict[str, Any],
            args: argparse.Namespace, timer: Timer, x_clean: np.ndarray, x_pois: np.ndarray, x_pur: np.ndarray,
            stages: dict[str, np.ndarray]) -> None:
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, policy=policy_for(args.overwrite)) as tmp:
         tmp.mkdir()
+        write_marker(tmp, "demo")
         grid_rows = {"clean": x_clean, "poisoned": x_pois, **stages, "purified": x_pur,
                      "residual (poisoned - purified, amplified)": residual_image(x_pois, x_pur)}
         save_image_grid(grid_rows, tmp / "grid.png", title="LSP-poisoned Fashion-MNIST purified by D-VAE")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ._common import add_device_seed, add_quiet
+from ._common import add_device_seed, add_overwrite, add_quiet
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip augmentation")
+    add_overwrite(p)
     add_device_seed(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -47,9 +48,10 @@ def _params(items: list[str]) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
+    from ..data import load_dataset, spec_path
     from ..detect import detect_poison, write_scores_csv
     from ..errors import UserError
+    from ..outputs import check_output, policy_for
     from ..train import TrainConfig
     from ..utils import Timer, manifest, write_json
 
@@ -57,15 +59,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("output must be a .csv file", args.output)
     params = _params(args.param)
     timer = Timer()
+    check_output(args.output, inputs=[spec_path(args.data)], overwrite=args.overwrite, is_dir=False, dataset=False)
     with timer("load"):
         ds = load_dataset(args.data)
+    check_output(args.output, inputs=[spec_path(args.data), ds.source], overwrite=args.overwrite, is_dir=False,
+                 dataset=False)
     cfg = TrainConfig.preset(args.preset, model=args.model, epochs=args.epochs)
     if args.no_flip:
         cfg.flip = False
     with timer("detect"):
         res = detect_poison(ds.x_train, ds.y_train, purifier=args.detector, params=params, train_config=cfg,
                             seed=args.seed, device=args.device, progress=not args.quiet)
-    write_scores_csv(args.output, res, ds.y_train)
+    write_scores_csv(args.output, res, ds.y_train, policy_for(args.overwrite, dataset=False))
     conf = {"data": args.data, "output": args.output, "detector": args.detector, "params": params,
             "train": vars(cfg)}
     write_json(Path(args.output + ".json"), manifest("detect", conf, args.seed, timer.times, result=res.info))

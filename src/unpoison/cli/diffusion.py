@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import load_dataset
+from ..data import load_dataset, spec_path
+from ..outputs import check_output
 from ..utils import Timer, manifest, write_json
-from ._common import add_device_seed, add_quiet
+from ._common import add_device_seed, add_overwrite, add_quiet
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation (digit-like data)")
+    add_overwrite(p)
     add_device_seed(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -37,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from ..defenses.avatar import save_checkpoint, train_diffusion
 
     timer = Timer()
+    check_output(args.output, inputs=[spec_path(args.data)], overwrite=args.overwrite, is_dir=False, dataset=False)
     with timer("load"):
         ds = load_dataset(args.data)
+    check_output(args.output, inputs=[spec_path(args.data), ds.source], overwrite=args.overwrite, is_dir=False,
+                 dataset=False)
     with timer("train"):
         model, cfg, rec = train_diffusion(ds, args.preset, args.epochs, args.batch_size, args.lr, args.seed,
                                           args.device, progress=not args.quiet, flip=not args.no_flip)

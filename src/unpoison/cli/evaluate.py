@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import load_dataset
+from ..data import load_dataset, spec_path
 from ..models import list_models
+from ..outputs import check_output, policy_for
 from ..train import TrainConfig
 from ..utils import Timer, manifest, write_json
-from ._common import add_device_seed, add_quiet
+from ._common import add_device_seed, add_overwrite, add_quiet
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -26,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--train-defense", default=None,
                    help="training-time defense: at (PGD adversarial training) or ueraser")
     p.add_argument("--out", default=None, help="write the JSON record here (default: print only)")
+    add_overwrite(p)
     add_device_seed(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -35,9 +37,15 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
 
     timer = Timer()
+    inputs = [spec_path(args.train), spec_path(args.test) if args.test else None]
+    if args.out:
+        check_output(args.out, inputs=inputs, overwrite=args.overwrite, is_dir=False, dataset=False)
     with timer("load"):
         train = load_dataset(args.train)
         test = load_dataset(args.test) if args.test else None
+    if args.out:
+        check_output(args.out, inputs=[*inputs, train.source, test.source if test else None],
+                     overwrite=args.overwrite, is_dir=False, dataset=False)
     cfg = TrainConfig.preset(args.preset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                              lr=args.lr)
     if args.no_flip:
@@ -54,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
           f"(epoch {rec['best_epoch']})   time: {rec['train_time_s']:.1f}s   {rec['images_per_s']:.0f} img/s")
     print("per class: " + ", ".join(f"{k}={v:.1f}" for k, v in rec["per_class_acc"].items()))
     if args.out:
-        write_json(Path(args.out), manifest("evaluate", vars_clean(args), args.seed, timer.times, result=rec))
+        write_json(Path(args.out), manifest("evaluate", vars_clean(args), args.seed, timer.times, result=rec),
+                   policy_for(args.overwrite, dataset=False))
         print(f"wrote {args.out}")
     return 0
 

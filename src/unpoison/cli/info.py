@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..data import load_dataset
+from ..errors import printable
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -21,9 +22,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    print(f"source:   {d['source']}\nformat:   {d['format']}")
+    # names come from files: escaped, so a name cannot send escape sequences to the terminal
+    print(f"source:   {printable(d['source'])}\nformat:   {d['format']}")
     print(f"image:    {'x'.join(map(str, d['image_shape_hwc']))} (H x W x C)")
-    print(f"classes:  {d['num_classes']}: {', '.join(ds.classes[:20])}{' ...' if ds.num_classes > 20 else ''}")
+    names = ", ".join(printable(c) for c in ds.classes[:20])
+    print(f"classes:  {d['num_classes']}: {names}{' ...' if ds.num_classes > 20 else ''}")
     for split in ("train", "test"):
         if split in d:
             s = d[split]

@@ -19,8 +19,10 @@ integer values in grey levels. ``--norm``/``--eps`` (or ``--attack``'s defaults)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-import shutil
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,21 @@ import numpy as np
 from ..attacks import ATTACKS, PoisonResult, apply_perturbation, make_attack
 from ..attacks.base import check_eps
 from ..data import load_dataset, save_dataset
+from ..data._limits import check_alloc, check_compressed, check_npy_file
 from ..errors import UserError
 from ..utils import Timer, manifest, parse_fraction, psnr, save_npy_atomic, write_json
 from ..viz import residual_image, save_image_grid
-from ._common import add_device_seed, add_format, add_param_flags, add_quiet, given_params, param_flags
+from ._common import (
+    add_device_seed,
+    add_format,
+    add_overwrite,
+    add_param_flags,
+    add_quiet,
+    check_dataset_output,
+    given_params,
+    param_flags,
+    report_dir,
+)
 
 #: handled by dedicated flags, never generated from PARAMS
 _COMMON = {"surrogate"}
@@ -57,15 +70,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--from-perturbation", default=None, metavar="FILE",
                    help="add this released perturbation (.npy/.pt) instead of crafting one")
     add_format(p)
+    add_overwrite(p)
     add_device_seed(p)
     add_quiet(p)
     add_param_flags(p, param_flags(ATTACKS, _COMMON))
     p.set_defaults(func=run)
-
-
-def report_dir(output: str | Path) -> Path:
-    out = Path(output)
-    return out.with_name(out.name + ".report")
 
 
 def parse_ratio(text: str) -> float:
@@ -73,6 +82,22 @@ def parse_ratio(text: str) -> float:
     if not (0 < r <= 1) or not math.isfinite(r):
         raise UserError(f"--ratio must be in (0, 1], got {text}")
     return r
+
+
+def _check_pt_sizes(path: Path) -> None:
+    """A ``.pt`` zip's records may not claim more than they hold (torch allocates a record's claimed size)."""
+    check_alloc(path.stat().st_size, "the perturbation file", path)
+    if not zipfile.is_zipfile(path):
+        return  # legacy format: torch reads it as a stream, bounded by the file
+    with zipfile.ZipFile(path) as z:
+        total = 0
+        for info in z.infolist():
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+                raise UserError(f"record {info.filename!r} claims {info.file_size} bytes but holds "
+                                f"{info.compress_size}", path)
+            check_compressed(info.file_size, info.compress_size, f"record {info.filename!r}", path)
+            total += info.file_size
+    check_alloc(total, "the perturbation", path)
 
 
 def load_perturbation(path: str | Path) -> np.ndarray:
@@ -83,11 +108,17 @@ def load_perturbation(path: str | Path) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
+            check_npy_file(path)  # header vs file size vs budget before numpy allocates the claim
             arr = np.load(path, allow_pickle=False)
         elif suffix in (".pt", ".pth"):
             import torch
 
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            _check_pt_sizes(path)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:  # torch's own text is a page of advice on weights_only=False
+                raise UserError("not a plain tensor file: it holds pickled code or objects that "
+                                "torch.load(weights_only=True) refuses to run; save the tensor alone", path) from None
             if isinstance(obj, dict) and len(obj) == 1:
                 obj = next(iter(obj.values()))
             if not isinstance(obj, torch.Tensor):
@@ -98,7 +129,8 @@ def load_perturbation(path: str | Path) -> np.ndarray:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"cannot read perturbation: {type(e).__name__}: {e}", path) from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read perturbation: {type(e).__name__}: {first}", path) from None
     return np.asarray(arr)
 
 
@@ -117,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--attack {args.attack} uses no surrogate")
     norm = args.norm or (cls.norm if cls else "linf")
     eps_nominal = parse_fraction(args.eps, "--eps") if args.eps is not None else None
+    check_dataset_output(args.output, args.input, args.overwrite)
     with timer("load"):
         ds = load_dataset(args.input)
+    check_dataset_output(args.output, args.input, args.overwrite, ds, args.format)
     if len(np.unique(ds.y_train)) < 2:
         raise UserError("poisoning needs at least 2 classes; the training split has one", args.input)
     h, w, c = ds.image_shape
@@ -163,12 +197,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drop_checkpoint(folder: Path, name: str) -> None:
+    """Remove this attack's checkpoint (only that file; the folder too if that leaves it empty)."""
+    (folder / f"{name}.pt").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def write_outputs(args: argparse.Namespace, ds: Any, res: PoisonResult, rdir: Path, timer: Timer, name: str) -> None:
     out_ds = ds.replace(x_train=res.x)
     with timer("write"):
-        save_dataset(out_ds, args.output, args.format)
+        save_dataset(out_ds, args.output, args.format, overwrite=args.overwrite)
         save_npy_atomic(rdir / "perturbation.npy", res.delta)
-    shutil.rmtree(rdir / "checkpoints", ignore_errors=True)  # the run finished; nothing to resume
+    _drop_checkpoint(rdir / "checkpoints", name)  # the run finished; nothing to resume
     p = psnr(ds.x_train[res.indices], res.x[res.indices])
     show = res.indices[:8]
     save_image_grid({"clean": ds.x_train[show], "poisoned": res.x[show],

@@ -10,7 +10,6 @@ Method parameters are flags generated from each purifier's ``PARAMS`` table.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..data import load_dataset, save_dataset
@@ -18,7 +17,17 @@ from ..defenses import DEFENSES, make_purifier
 from ..errors import UserError
 from ..utils import Timer, manifest, psnr, save_npy_atomic, write_json
 from ..viz import residual_image, save_image_grid
-from ._common import add_device_seed, add_format, add_param_flags, add_quiet, given_params, param_flags
+from ._common import (
+    add_device_seed,
+    add_format,
+    add_overwrite,
+    add_param_flags,
+    add_quiet,
+    check_dataset_output,
+    given_params,
+    param_flags,
+    report_dir,
+)
 
 #: flags handled here, never generated from PARAMS
 _COMMON = {"device", "seed", "progress", "checkpoint_dir", "resume"}
@@ -32,21 +41,19 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--method", default="dvae", choices=DEFENSES.names(), help="purifier (default dvae)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     add_format(p)
+    add_overwrite(p)
     add_device_seed(p)
     add_quiet(p)
     add_param_flags(p, param_flags(DEFENSES, _COMMON))
     p.set_defaults(func=run)
 
 
-def report_dir(output: str | Path) -> Path:
-    out = Path(output)
-    return out.with_name(out.name + ".report")
-
-
 def run(args: argparse.Namespace) -> int:
     timer = Timer()
+    check_dataset_output(args.output, args.input, args.overwrite)
     with timer("load"):
         ds = load_dataset(args.input)
+    check_dataset_output(args.output, args.input, args.overwrite, ds, args.format)
     cls = DEFENSES.get(args.method)
     accepted = cls.PARAMS
     given = given_params(args)
@@ -67,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         x_out = purifier.fit_purify(ds.x_train, ds.y_train)
     out_ds = ds.replace(x_train=x_out)
     with timer("write"):
-        save_dataset(out_ds, args.output, args.format)
+        save_dataset(out_ds, args.output, args.format, overwrite=args.overwrite)
     stats = {"psnr_input_output": psnr(ds.x_train, x_out), **purifier.info_}
     for k, arr in purifier.extras_.items():
         save_npy_atomic(rdir / f"{k}.npy", arr)

@@ -10,21 +10,27 @@ A dataset is named by a *spec* wherever one is expected:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import struct
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 from .._registry import Registry
-from ..errors import UserError
-from ..utils import atomic_path
+from ..errors import UserError, printable
+from ..outputs import atomic_path, guard_inputs, policy_for, recover, write_marker
 from . import formats  # noqa: F401  (registers the formats)
 from ._format import FORMATS, DatasetFormat
 from .dataset import ImageDataset
+from .fingerprint import content_fingerprint, dataset_fingerprint
 from .synthetic import make_synthetic
 
 __all__ = ["ImageDataset", "load_dataset", "save_dataset", "FORMATS", "DATASETS", "DatasetFormat",
-           "make_synthetic", "detect_format"]
+           "make_synthetic", "detect_format", "spec_path", "output_format", "content_fingerprint",
+           "dataset_fingerprint"]
 
 #: named datasets: name -> callable(arg) returning an ImageDataset
 DATASETS: Registry[Callable[[str], ImageDataset]] = Registry("dataset")
@@ -56,7 +62,7 @@ DATASETS.register("fmnist", "Fashion-MNIST (Debian dataset-fashion-mnist or $UNP
     _named_idx("fashion-mnist", "Fashion-MNIST"))
 DATASETS.register("mnist", "MNIST IDX files in $UNPOISON_DATA/mnist")(_named_idx("mnist", "MNIST"))
 DATASETS.register("synthetic", "generated data: synthetic:n=512,size=16,channels=3,classes=4,seed=0")(
-    lambda arg: make_synthetic(**_kv(arg)))
+    lambda arg: make_synthetic(**_synthetic_options(arg)))
 
 
 def _named_folder(fmt: str, subs: tuple[str, ...], label: str) -> Callable[[str], ImageDataset]:
@@ -81,14 +87,38 @@ for _name, _fmt, _subs, _label in (("cifar10", "cifar10", ("cifar-10-batches-py"
 _ALIASES = {"fashion-mnist": "fmnist", "fashionmnist": "fmnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
 
 
-def _kv(arg: str) -> dict[str, int]:
+#: synthetic's options: name -> (smallest, largest) value
+_SYNTHETIC = {"n": (1, 10**7), "size": (4, 1024), "channels": (1, 3), "classes": (1, 10**4), "seed": (0, 2**32 - 1),
+              "n_test": (0, 10**7), "signal": (0, 255)}
+
+
+def _synthetic_options(arg: str) -> dict[str, int]:
+    """``n=512,size=16,...`` -> checked keyword arguments of :func:`make_synthetic` (ranges, memory)."""
     out: dict[str, int] = {}
     for part in filter(None, arg.split(",")):
         k, _, v = part.partition("=")
+        k = k.strip()
+        if k not in _SYNTHETIC:
+            raise UserError(f"unknown synthetic option {printable(k)!r}; known: {', '.join(_SYNTHETIC)}")
         try:
-            out[k.strip()] = int(v)
+            val = int(v)
         except ValueError:
-            raise UserError(f"bad synthetic option {part!r}; expected key=integer") from None
+            raise UserError(f"bad synthetic option {printable(part)!r}; expected key=integer") from None
+        lo, hi = _SYNTHETIC[k]
+        if not lo <= val <= hi:
+            raise UserError(f"synthetic option {k} must be in [{lo}, {hi}], got {val}")
+        out[k] = val
+    if out.get("channels", 3) == 2:
+        raise UserError("synthetic option channels must be 1 or 3")
+    n, classes = out.get("n", 512), out.get("classes", 4)
+    if classes > n:
+        raise UserError(f"synthetic data with {classes} classes needs n >= {classes}, got n={n}")
+    from ._limits import check_alloc
+
+    size, c = out.get("size", 16), out.get("channels", 3)
+    n_all = n + out.get("n_test", n // 4)
+    # float64 working arrays while generating: 8 bytes a value, twice
+    check_alloc(16 * n_all * size * size * c, f"synthetic data ({n_all} images of {size}x{size}x{c})", "synthetic")
     return out
 
 
@@ -109,10 +139,49 @@ def detect_format(path: Path) -> DatasetFormat:
     raise UserError(f"unknown dataset format: {what} (known: {known}; or say FORMAT:PATH)", path)
 
 
+def spec_path(spec: str | Path) -> Path | None:
+    """The file or folder a spec names (``PATH``, ``FORMAT:PATH``, ``mnist:PATH``), or None for a named dataset."""
+    s = str(spec)
+    if os.path.lexists(Path(s).expanduser()):
+        return Path(s).expanduser()
+    name, sep, arg = s.partition(":")
+    key = _ALIASES.get(name.lower(), name.lower())
+    if sep and arg and (key in FORMATS or key in DATASETS) and key != "synthetic":
+        return Path(arg).expanduser()
+    return None
+
+
+#: what a malformed file can make a parser raise; anything of these from a reader is the file's fault
+_PARSE_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, TypeError, struct.error, zlib.error,
+                 zipfile.BadZipFile, OverflowError, RecursionError, UnicodeDecodeError)
+
+
+def _read(fmt: DatasetFormat, path: Path, mmap: bool) -> ImageDataset:
+    try:
+        return fmt.read(path, mmap=mmap)
+    except UserError:
+        raise
+    except _PARSE_ERRORS as e:  # a reader missed a case: still one line naming the file, not a traceback
+        raise UserError(f"cannot read as {fmt.name} ({type(e).__name__}: {printable(e)})", path) from None
+
+
+def _missing(path: Path) -> UserError:
+    return UserError("no such file or directory", path)
+
+
+def _existing(path: Path) -> bool:
+    """Whether ``path`` exists, after putting back a folder an interrupted write of ours left moved aside."""
+    if not os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            recover(path)
+    return path.exists()
+
+
 def load_dataset(spec: str | Path, mmap: bool = False, validate: bool = True) -> ImageDataset:
     """Load a dataset from a spec (see module doc). Never executes code from the files.
 
-    ``mmap=True`` memory-maps images where the format allows it (``npy`` folders).
+    ``mmap=True`` memory-maps images where the format allows it (``npy`` folders). Every size a
+    file claims is checked before allocation; any problem is one :class:`UserError` naming the file.
     """
     s = str(spec)
     name, sep, arg = s.partition(":")
@@ -123,31 +192,42 @@ def load_dataset(spec: str | Path, mmap: bool = False, validate: bool = True) ->
                         f"names: {', '.join(DATASETS.names())}")
     if sep and key in FORMATS and not Path(s).exists():
         path = Path(arg).expanduser()
-        if not path.exists():
-            raise UserError("no such file or directory", path)
-        ds = FORMATS.get(key).read(path, mmap=mmap)
+        if not _existing(path):
+            raise _missing(path)
+        ds = _read(FORMATS.get(key), path, mmap)
     elif key in DATASETS and not Path(s).exists():
         ds = DATASETS.get(key)(arg)
     else:
         path = Path(s).expanduser()
-        if not path.exists():
-            raise UserError("no such file or directory", path)
-        ds = detect_format(path).read(path, mmap=mmap)
+        if not _existing(path):
+            raise _missing(path)
+        ds = _read(detect_format(path), path, mmap)
     return ds.validate() if validate else ds
 
 
-def save_dataset(ds: ImageDataset, path: str | Path, format: str | None = None) -> Path:  # noqa: A002
-    """Write ``ds`` atomically (temporary sibling, then rename) in ``format``.
-
-    Without ``format``: NPZ when ``path`` ends in ``.npz`` (the name says so), else the input's format.
-    """
+def output_format(ds: ImageDataset, path: str | Path, format: str | None = None) -> DatasetFormat:  # noqa: A002
+    """The format :func:`save_dataset` writes: ``format``; else NPZ for a ``.npz`` name; else the input's."""
     if format is None and Path(path).suffix.lower() == ".npz":
         format = "npz"  # noqa: A001
     fmt = FORMATS.get(format or ds.format)
-    if not fmt.writable:
-        fmt = FORMATS.get("npz")
+    return fmt if fmt.writable else FORMATS.get("npz")
+
+
+def save_dataset(ds: ImageDataset, path: str | Path, format: str | None = None,  # noqa: A002
+                 overwrite: bool = False) -> Path:
+    """Write ``ds`` atomically in ``format`` (see :func:`output_format`), under the output contract.
+
+    An existing ``path`` is refused unless ``overwrite``, and even then only a dataset unpoison wrote
+    is replaced (see :mod:`unpoison.outputs`); ``path`` may not be, contain or lie inside the file
+    the dataset was read from. The written dataset carries unpoison's marker.
+    """
+    fmt = output_format(ds, path, format)
     ds.validate()
     path = Path(path).expanduser()
-    with atomic_path(path, is_dir=fmt.writes_dir) as tmp:
+    guard_inputs(path, [ds.source])
+    with atomic_path(path, is_dir=fmt.writes_dir, policy=policy_for(overwrite),
+                     hint="--overwrite (overwrite=True in the API)") as tmp:
         fmt.write(ds, tmp)
+        if fmt.writes_dir:
+            write_marker(tmp, "dataset", format=fmt.name)
     return path

@@ -7,13 +7,14 @@ concern of loaders and writers only.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, printable
 
 
 @dataclass
@@ -37,10 +38,7 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if not self.classes:
-            n = int(self.y_train.max()) + 1 if len(self.y_train) else 0
-            if self.y_test is not None and len(self.y_test):
-                n = max(n, int(self.y_test.max()) + 1)
-            self.classes = [str(i) for i in range(n)]
+            self.classes = [str(i) for i in range(_inferred_classes(self))]
         self.classes = [str(c) for c in self.classes]
 
     # --- shape facts -------------------------------------------------------------------------
@@ -89,6 +87,7 @@ class ImageDataset:
     def validate(self) -> ImageDataset:
         """Check dtypes, shapes, label ranges and classes; raise a one-line :class:`UserError`."""
         src = self.source
+        check_class_names(self.classes, src)
         _check_split(self.x_train, self.y_train, "train", src, self.num_classes)
         if len(self.x_train) == 0:
             raise UserError("training split is empty", src)
@@ -120,6 +119,46 @@ class ImageDataset:
         if self.has_test:
             d["test"] = _split_facts(self.x_test, self.y_test, self.num_classes)  # type: ignore[arg-type]
         return d
+
+
+def _is_labels(y: object) -> bool:
+    return isinstance(y, np.ndarray) and y.ndim == 1 and np.issubdtype(y.dtype, np.integer)
+
+
+def _inferred_classes(ds: ImageDataset) -> int:
+    """Class count when no names are given: max label + 1, refused when it exceeds the training images.
+
+    Every class needs a training image (``validate``), so a larger count can only come from a bad
+    label; refusing it here keeps one label of 10**12 from building a list of 10**12 names.
+    """
+    n = 0
+    for y in (ds.y_train, ds.y_test):
+        if y is not None and _is_labels(y) and len(y):
+            n = max(n, int(y.max()) + 1)
+    n_train = len(ds.y_train) if _is_labels(ds.y_train) else 0
+    if n > max(n_train, 1):
+        raise UserError(f"labels go up to {n - 1} but there are only {n_train} training images and no class "
+                        "names; every class needs a training image", ds.source)
+    return n
+
+
+#: a class name longer than this is not a name (and would flood a terminal or a report)
+MAX_CLASS_NAME = 256
+
+
+def check_class_names(classes: list[str], src: str | Path) -> None:
+    """Names must be non-empty, printable (no control characters), short and unique."""
+    seen: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        if not isinstance(c, str) or not c.strip():
+            raise UserError(f"class name {i} is empty", src)
+        if len(c) > MAX_CLASS_NAME:
+            raise UserError(f"class name {i} is {len(c)} characters long (at most {MAX_CLASS_NAME})", src)
+        if any(unicodedata.category(ch)[0] == "C" for ch in c):
+            raise UserError(f"class name {i} ({printable(c)}) holds control characters", src)
+        if c in seen:
+            raise UserError(f"class name {printable(c)!r} appears twice (classes {seen[c]} and {i})", src)
+        seen[c] = i
 
 
 def _check_split(x: np.ndarray, y: np.ndarray, name: str, src: str, k: int) -> None:

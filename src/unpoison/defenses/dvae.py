@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..data.fingerprint import content_fingerprint
+from ..errors import NonFiniteError, UserError
 from ..models.dvae import (
     DVAE,
     BottleneckAE,
@@ -38,7 +39,7 @@ from ..models.dvae import (
     dvae_loss,
     vae_loss,
 )
-from ..train import to_device_images
+from ..train import check_finite_loss, to_device_images
 from ..utils import atomic_path, pick_device, psnr, seed_everything, write_json
 from .base import DEFENSES, Purifier
 
@@ -83,10 +84,17 @@ class DVAEConfig:
         return cfg
 
     def check(self) -> None:
-        for k in ("width", "latent", "epochs", "batch_size", "bottleneck"):
-            if getattr(self, k) < 1:
-                raise UserError(f"D-VAE {k} must be >= 1, got {getattr(self, k)}")
-        for k in ("lr", "kld_weight"):
+        for k, hi in (("width", 4096), ("latent", 65536), ("epochs", 10**6), ("batch_size", 2**20),
+                      ("bottleneck", 65536), ("downsample1", 1024), ("downsample2", 1024), ("downsample", 1024)):
+            if not 1 <= getattr(self, k) <= hi:
+                raise UserError(f"D-VAE {k} must be in [1, {hi}], got {getattr(self, k)}")
+        if self.infer_batch < 0:
+            raise UserError(f"D-VAE infer_batch must be >= 0, got {self.infer_batch}")
+        # finite first: `lr inf` once trained an all-zero "purified" set, and `nan < 0` is False
+        for k in ("lr", "kld_weight", "grad_clip", "kld_limit1", "kld_limit2", "kld_limit"):
+            if not math.isfinite(getattr(self, k)):
+                raise UserError(f"D-VAE {k} must be a finite number, got {getattr(self, k)}")
+        for k in ("lr", "kld_weight", "grad_clip"):
             if not getattr(self, k) > 0:
                 raise UserError(f"D-VAE {k} must be > 0, got {getattr(self, k)}")
         for k in ("kld_limit1", "kld_limit2", "kld_limit"):
@@ -116,12 +124,8 @@ _COMMON_PARAMS: dict[str, tuple[type, Any, str]] = {
 
 # --- checkpoints ----------------------------------------------------------------------------------
 def data_fingerprint(x: np.ndarray, y: np.ndarray | None) -> str:
-    h = hashlib.sha256()
-    h.update(str(x.shape).encode())
-    h.update(np.ascontiguousarray(x).data)
-    if y is not None:
-        h.update(np.ascontiguousarray(y.astype(np.int64)).data)
-    return h.hexdigest()
+    """The resume key's data part: the one streamed content fingerprint (bounded memory on memmaps)."""
+    return content_fingerprint(x, None if y is None else np.asarray(y).astype(np.int64, copy=False))
 
 
 class Checkpointer:
@@ -152,8 +156,9 @@ class Checkpointer:
                 raise UserError(f"checkpoint belongs to {why}; refusing to resume (delete it or drop --resume)",
                                 self.dir)
         elif not resume and self.dir.exists():
-            for f in self.dir.glob("*.pt"):
-                f.unlink()
+            for pattern in ("*.epoch.pt", "*.done.pt"):  # only the files this class writes
+                for f in self.dir.glob(pattern):
+                    f.unlink()
         write_json(meta, {"fingerprint": fingerprint, "config": config})
 
     def _load(self, name: str) -> dict[str, Any] | None:
@@ -280,6 +285,7 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
                     bar.set_postfix(loss=f"{s[0]:.4f}", kld=f"{s[2]:.2f}",
                                     psnr=f"{-10 * math.log10(max(s[1], 1e-10)):.1f}")
             s = (sums[:3] / sums[3]).tolist()
+            check_finite_loss(s[0], f"D-VAE {stage}", ep + 1)  # before the epoch is checkpointed
             rec = {"epoch": ep + 1, "loss": s[0], "rec_mse": s[1], "psnr": -10 * math.log10(max(s[1], 1e-10)),
                    "kld": s[2], "lr": sched.get_last_lr()[0], "time_s": time.perf_counter() - t0}
             history.append(rec)
@@ -306,7 +312,11 @@ def _infer(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor | None, batch: 
         with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(xb, y[i:i + batch]) if isinstance(model, DVAE) else model(xb)  # type: ignore[index]
         outs.append(fn({k: v.float() for k, v in out.items()}, xb))
-    return torch.cat(outs)
+    res = torch.cat(outs)
+    if not bool(torch.isfinite(res).all()):  # one sync per call: NaN would round to 0 and pass as images
+        raise NonFiniteError("the trained model's output is not finite (NaN/inf); nothing was written "
+                             "(a smaller --lr may help)")
+    return res
 
 
 def _to_u8(x01: torch.Tensor) -> torch.Tensor:

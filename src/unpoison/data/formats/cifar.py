@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import UserError
+from ...errors import UserError, printable
 from .._format import FORMATS, DatasetFormat
 from .._safe_pickle import Py2Str, dump_py2, safe_load
 from ..dataset import ImageDataset
@@ -25,11 +25,20 @@ def _key(d: dict[Any, Any], name: str, path: Path) -> Any:
     for k in (name.encode(), name):
         if k in d:
             return d[k]
-    raise UserError(f"pickle has no key {name!r} (found {sorted(map(_text, d))[:8]})", path)
+    found = sorted(printable(_text(k))[:40] if isinstance(k, (str, bytes)) else type(k).__name__ for k in d)[:8]
+    raise UserError(f"pickle has no key {name!r} (found {found})", path)
 
 
 def _text(v: Any) -> str:
     return v.decode("latin1") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _names(d: dict[Any, Any], key: str, path: Path) -> list[str]:
+    """A list of class names (byte strings in the originals); anything else is refused, never str()-ed."""
+    raw = _key(d, key, path)
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(c, (bytes, str)) for c in raw):
+        raise UserError(f"{key!r} must be a list of names, got {type(raw).__name__}", path)
+    return [_text(c) for c in raw]
 
 
 def _load_dict(path: Path) -> dict[Any, Any]:
@@ -51,10 +60,17 @@ def _images(d: dict[Any, Any], path: Path) -> np.ndarray:
 
 def _labels(d: dict[Any, Any], key: str, n: int, path: Path) -> np.ndarray:
     raw = _key(d, key, path)
-    try:
-        y = np.asarray(raw)
-    except (TypeError, ValueError):
-        raise UserError(f"{key!r} is not a list of integers", path) from None
+    if isinstance(raw, (list, tuple)):
+        if not all(type(v) is int for v in raw):
+            raise UserError(f"{key!r} must be a list of integers", path)
+        try:
+            y = np.array(raw, dtype=np.int64)
+        except OverflowError:
+            raise UserError(f"{key!r} holds integers beyond 64 bits", path) from None
+    elif isinstance(raw, np.ndarray):
+        y = raw
+    else:
+        raise UserError(f"{key!r} must be a list of integers, got {type(raw).__name__}", path)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{key!r} must be a list of integers, got {y.dtype} {y.shape}", path)
     if len(y) != n:
@@ -107,7 +123,7 @@ class CIFAR10Format(DatasetFormat):
     def read(self, path: Path, mmap: bool = False) -> ImageDataset:
         root = _root(path, "cifar-10-batches-py", "batches.meta")
         meta = _load_dict(root / "batches.meta")
-        names = [_text(c) for c in _key(meta, "label_names", root / "batches.meta")]
+        names = _names(meta, "label_names", root / "batches.meta")
         xs, ys = [], []
         for b in CIFAR10_TRAIN:
             d = _load_dict(root / b)
@@ -148,7 +164,7 @@ class CIFAR100Format(DatasetFormat):
     def read(self, path: Path, mmap: bool = False) -> ImageDataset:
         root = _root(path, "cifar-100-python", "meta")
         meta = _load_dict(root / "meta")
-        names = [_text(c) for c in _key(meta, "fine_label_names", root / "meta")]
+        names = _names(meta, "fine_label_names", root / "meta")
         d = _load_dict(root / "train")
         x_tr = _images(d, root / "train")
         y_tr = _labels(d, "fine_labels", len(x_tr), root / "train")
@@ -163,7 +179,7 @@ class CIFAR100Format(DatasetFormat):
             attrs["cifar100_coarse_of_fine"] = fine_to_coarse
             for k in ("coarse_label_names",):
                 if k.encode() in meta or k in meta:
-                    attrs["cifar100_coarse_label_names"] = [_text(c) for c in _key(meta, k, root / "meta")]
+                    attrs["cifar100_coarse_label_names"] = _names(meta, k, root / "meta")
         x_te = y_te = None
         if (root / "test").exists():
             d = _load_dict(root / "test")

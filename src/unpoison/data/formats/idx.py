@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import UserError
 from .._format import FORMATS, DatasetFormat
+from .._limits import check_alloc, check_compressed, npy_nbytes, read_exact
 from ..dataset import ImageDataset
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -26,26 +28,38 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file (magic 0x0000TTNN, big-endian dims, then data); checks the length."""
+    """Parse one IDX file (magic 0x0000TTNN, big-endian dims, then data), streamed.
+
+    The header is read first and checked against the file (raw: exact size; ``.gz``: what deflate
+    can hold) and the memory budget; then exactly the declared bytes are read into one buffer and
+    anything after them is refused. A small ``.gz`` can never decompress into gigabytes here.
+    """
+    gz = path.suffix == ".gz"
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path) as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise UserError(f"cannot read IDX file ({e})", path) from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise UserError("not an IDX file (bad magic number)", path)
-    dtype, ndim = np.dtype(_DTYPES[raw[2]]), raw[3]
-    head = 4 + 4 * ndim
-    if len(raw) < head:
-        raise UserError("truncated IDX header", path)
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    need = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - head != need:
-        raise UserError(f"IDX data is {len(raw) - head} bytes, header says {need} for shape {dims}", path)
-    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims)
+        size = path.stat().st_size
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _DTYPES:
+                raise UserError("not an IDX file (bad magic number)", path)
+            dtype, ndim = np.dtype(_DTYPES[magic[2]]), magic[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise UserError("truncated IDX header", path)
+            dims = tuple(int.from_bytes(raw_dims[4 * i: 4 + 4 * i], "big") for i in range(ndim))
+            need = npy_nbytes(dims, dtype)
+            if gz:
+                check_compressed(need + 4 + 4 * ndim, size, f"IDX header (shape {dims})", path)
+            elif size - 4 - 4 * ndim != need:
+                raise UserError(f"IDX data is {size - 4 - 4 * ndim} bytes, header says {need} for shape {dims}", path)
+            check_alloc(need, f"IDX array {dims}", path)
+            buf = read_exact(f, need, path, f"IDX data (header says {need} bytes for shape {dims})")
+            if f.read(1):
+                raise UserError(f"IDX file holds more data than its header says ({need} bytes for shape {dims})", path)
+    except UserError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise UserError(f"cannot read IDX file ({type(e).__name__}: {e})", path) from None
+    return np.frombuffer(buf, dtype=dtype).reshape(dims)
 
 
 def write_idx(arr: np.ndarray, path: Path) -> None:
@@ -90,11 +104,13 @@ class IDXFormat(DatasetFormat):
                 arrays[k] = a[..., None]
         for k in ("y_train", "y_test"):
             if k in arrays:
-                if arrays[k].ndim != 1:
-                    raise UserError(f"labels must be 1-D, got shape {arrays[k].shape}", files[k])
-                arrays[k] = arrays[k].astype(np.int64)
+                a = arrays[k]
+                if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                    # float labels are refused, never truncated (and NaN never reaches a cast)
+                    raise UserError(f"labels must be a 1-D integer array, got {a.dtype} {a.shape}", files[k])
+                arrays[k] = a.astype(np.int64)
         is_fashion = "fashion" in str(files["x_train"]).lower()  # also FashionMNIST/raw under path
-        k = int(max(arrays["y_train"].max(initial=0), arrays.get("y_test", np.zeros(1, int)).max())) + 1
+        k = int(max(arrays["y_train"].max(initial=0), arrays.get("y_test", np.zeros(1, int)).max(initial=0))) + 1
         classes = (FASHION_CLASSES if is_fashion else DIGIT_CLASSES)[:k] if k <= 10 else []
         return ImageDataset(arrays["x_train"], arrays["y_train"], arrays.get("x_test"),
                             arrays.get("y_test"), classes, source=str(path), format=self.name)
@@ -102,6 +118,9 @@ class IDXFormat(DatasetFormat):
     def write(self, ds: ImageDataset, path: Path) -> None:
         if ds.image_shape[2] != 1:
             raise UserError("IDX holds grayscale images only; choose --format npz or imagefolder", path)
+        if ds.num_classes > 256:
+            raise UserError(f"IDX labels are bytes (at most 256 classes, not {ds.num_classes}); choose --format npz",
+                            path)
         path.mkdir(parents=True, exist_ok=True)
         write_idx(ds.x_train[..., 0], path / (_STEMS["x_train"] + ".gz"))
         write_idx(ds.y_train, path / (_STEMS["y_train"] + ".gz"))

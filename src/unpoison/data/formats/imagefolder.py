@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from .._format import FORMATS, DatasetFormat
+from .._limits import check_alloc, check_compressed
 from ..dataset import ImageDataset
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -96,6 +97,7 @@ def _read_split(items: list[tuple[Path, int]], mode: str, size: tuple[int, int] 
     if size is None:
         size = _header(items[0][0])[1]
     w, h = size
+    _check_prealloc(items, h * w * c, size, desc, resized=prepare is not None)
     x = np.empty((len(items), h, w, c), dtype=np.uint8)
     y = np.empty(len(items), dtype=np.int64)
     first = items[0][0]
@@ -109,6 +111,28 @@ def _read_split(items: list[tuple[Path, int]], mode: str, size: tuple[int, int] 
     return x, y
 
 
+def _check_prealloc(items: list[tuple[Path, int]], per_image: int, size: tuple[int, int], desc: str,
+                    resized: bool) -> None:
+    """Before allocating N images of the first image's size: the folder's bytes must be able to hold them.
+
+    A 100-byte PNG can claim 9000 x 9000 pixels; N such files would otherwise preallocate N x 243 MB.
+    Compressed images cannot exceed deflate's ratio, so the total claimed must fit ``MAX_RATIO`` times
+    the files' total size (unless images are resized to a fixed size), and the memory budget.
+    """
+    need = per_image * len(items)
+    first = items[0][0]
+    try:
+        first_size = first.stat().st_size
+        total = sum(f.stat().st_size for f, _ in items)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror or e})", e.filename or first) from None
+    w, h = size
+    if not resized:
+        check_compressed(per_image, first_size, f"image header ({w}x{h})", first)
+        check_compressed(need, total, f"{len(items)} images of {w}x{h} ({desc})", first.parent.parent)
+    check_alloc(need, f"{len(items)} images of {w}x{h}", first.parent.parent)
+
+
 def _mode_for(items: list[tuple[Path, int]]) -> str:
     modes = {_header(f)[0] for f, _ in items}
     return "L" if modes <= GRAY_MODES else "RGB"
@@ -119,9 +143,13 @@ def _folder_names(root: Path, dirs: list[str]) -> list[str]:
     if not cj.is_file():
         return dirs
     try:
-        raw = json.loads(cj.read_text())
+        if cj.stat().st_size > 16 << 20:
+            raise UserError("classes.json is larger than 16 MiB; not a class-name map", cj)
+        raw = json.loads(cj.read_text(encoding="utf-8"))
         folders, names = raw["folders"], raw["names"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError, OSError) as e:
         raise UserError(f"expected {{'folders': [...], 'names': [...]}} ({type(e).__name__}: {e})", cj) from None
     if folders == dirs and isinstance(names, list) and len(names) == len(dirs):
         return [str(n) for n in names]

@@ -15,12 +15,15 @@ import numpy as np
 
 from ...errors import UserError
 from .._format import FORMATS, DatasetFormat
+from .._limits import check_npy_file
 from ..dataset import ImageDataset
 
 _CHUNK = 4096
+_MAX_JSON = 16 << 20
 
 
 def _load(path: Path, mmap: bool) -> np.ndarray:
+    check_npy_file(path, mmap)  # header vs file size (vs memory budget), before numpy allocates what it claims
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as e:  # object arrays (would need pickle), bad header
@@ -65,9 +68,11 @@ class NPYFormat(DatasetFormat):
         classes: list[str] = []
         cj = path / "classes.json"
         if cj.is_file():
+            if cj.stat().st_size > _MAX_JSON:
+                raise UserError(f"classes.json is larger than {_MAX_JSON >> 20} MiB; not a list of class names", cj)
             try:
-                raw = json.loads(cj.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
+                raw = json.loads(cj.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 raise UserError(f"not valid JSON ({e})", cj) from None
             if not isinstance(raw, list) or not all(isinstance(c, (str, int)) for c in raw):
                 raise UserError("classes.json must be a list of class names", cj)
