@@ -9,7 +9,7 @@ Every hyperparameter lives in :class:`DVAEConfig` and its presets (``paper``, ``
 ``cpu``). Training keeps the whole split on the device as uint8; the speed switches (bf16 autocast,
 fused Adam, ``torch.compile`` of the conv stacks, channels_last, inference batch) come from an
 :class:`~unpoison.accel.Accel` (default: :func:`dvae_accel`, all on for CUDA). Training checkpoints
-every epoch so ``resume=True`` continues a killed run. ``p_hat``
+every epoch, RNG states included, so ``resume=True`` continues a killed run exactly. ``p_hat``
 arrays are float16 NHWC in 0..255 pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
 """
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import rng
 from ..accel import Accel, dvae_channels_last
 from ..errors import UserError
 from ..models.dvae import (
@@ -242,7 +243,10 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"])
+        if "rng_state" in state:
+            rng.restore(state["rng_state"], {"data": gen}, ckpt.dir)
+        else:  # a checkpoint from before RNG states were all saved: the data generator only
+            gen.set_state(state["rng"])
         history = list(state["history"])
         start = int(state["epoch"])
     fwd = model
@@ -291,7 +295,7 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
                    "kld": s[2], "lr": sched.get_last_lr()[0], "time_s": time.perf_counter() - t0}
             history.append(rec)
             ckpt.save_epoch(stage, {"epoch": ep + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "rng": gen.get_state(),
+                                    "scheduler": sched.state_dict(), "rng_state": rng.capture({"data": gen}),
                                     "history": history})
             if callback is not None:
                 callback({"stage": stage, **rec})
