@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .accel import Accel
 from .data import ImageDataset
 from .errors import NonFiniteError, UserError
 from .models import create_model
@@ -136,8 +137,9 @@ def predict(model: nn.Module, x_u8: torch.Tensor, batch_size: int = 512) -> torc
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
-    p = predict(model, x_u8)
+def accuracy(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, num_classes: int,
+             batch_size: int = 512) -> tuple[float, list[float]]:
+    p = predict(model, x_u8, batch_size)
     correct = (p == y).float()
     per = torch.zeros(num_classes, device=y.device).index_add_(0, y, correct)
     cnt = torch.bincount(y, minlength=num_classes).clamp_min(1)
@@ -153,11 +155,13 @@ def train_classifier(
     train_defense: TrainDefense | None = None,
     progress: bool = True,
     desc: str = "train",
+    accel: Accel | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``train``'s training split; score on ``test``'s test split.
 
     ``test`` defaults to ``train`` itself (its own test split). Reported accuracy is the
-    last epoch's (the paper's rule); the best epoch is kept for reference.
+    last epoch's (the paper's rule); the best epoch is kept for reference. ``accel`` picks bf16
+    autocast, channels_last and the evaluation batch (default ``Accel.auto(device, "classifier")``).
     """
     cfg = config or TrainConfig()
     test = test or train
@@ -173,7 +177,8 @@ def train_classifier(
     gen.manual_seed(seed)
     h, w, c = train.image_shape
     model = create_model(cfg.model, train.num_classes, c, max(h, w)).to(dev)
-    model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU (oneDNN)
+    accel = accel or Accel.auto(dev, "classifier")
+    model = model.to(memory_format=accel.memory_format)
     x_tr = to_device_images(train.x_train, dev)
     y_tr = torch.as_tensor(train.y_train, device=dev)
     x_te = to_device_images(test.x_test, dev)  # type: ignore[arg-type]
@@ -183,7 +188,6 @@ def train_classifier(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=False)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    use_amp = dev.type == "cuda"
     history: list[dict[str, float]] = []
     best, best_ep, per_class, acc = -1.0, 0, [], 0.0
     t0 = time.perf_counter()
@@ -200,8 +204,8 @@ def train_classifier(
             if train_defense is not None:
                 xb = train_defense(model, xb, yb)
                 model.train()
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            xb = xb.contiguous(memory_format=accel.memory_format)
+            with accel.autocast(dev):
                 out = model(xb)
                 loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -213,7 +217,7 @@ def train_classifier(
         rec = {"epoch": ep + 1, "train_loss": tot_loss.item() / n, "train_acc": tot_correct.item() / n * 100}
         check_finite_loss(rec["train_loss"], f"{desc}: classifier training", ep + 1, "--lr")
         if (ep + 1) % cfg.eval_every == 0 or ep + 1 == cfg.epochs:
-            acc, per_class = accuracy(model, x_te, y_te, train.num_classes)
+            acc, per_class = accuracy(model, x_te, y_te, train.num_classes, accel.infer_batch)
             rec["test_acc"] = acc
             if acc > best:
                 best, best_ep = acc, ep + 1

@@ -6,10 +6,11 @@ its perturbation estimate: ``x1 = clip(x0 - p_hat(x0))``. Stage 2 trains another
 rounded to uint8 (they are datasets in their own right and this keeps checkpoints small).
 
 Every hyperparameter lives in :class:`DVAEConfig` and its presets (``paper``, ``imagenet``,
-``cpu``). Training keeps the whole split on the device as uint8, uses channels_last, bf16 autocast
-and fused Adam on CUDA (plus ``torch.compile`` of the conv stacks there), and checkpoints every
-epoch so ``resume=True`` continues a killed run. ``p_hat`` arrays are float16 NHWC in 0..255
-pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
+``cpu``). Training keeps the whole split on the device as uint8; the speed switches (bf16 autocast,
+fused Adam, ``torch.compile`` of the conv stacks, channels_last, inference batch) come from an
+:class:`~unpoison.accel.Accel` (default: :func:`dvae_accel`, all on for CUDA). Training checkpoints
+every epoch, RNG states included, so ``resume=True`` continues a killed run exactly. ``p_hat``
+arrays are float16 NHWC in 0..255 pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import rng
+from ..accel import Accel, dvae_channels_last
 from ..data.fingerprint import content_fingerprint
 from ..errors import NonFiniteError, UserError
 from ..models.dvae import (
@@ -66,7 +69,7 @@ class DVAEConfig:
     kld_limit: float = 1.0  # the plain rate-constrained VAE (``vae``)
     downsample: int = 2  # ``vae`` / ``ae``
     bottleneck: int = 8  # ``ae``: channels of the code
-    infer_batch: int = 0  # 0: 1024 on CUDA, 256 on CPU (faster there)
+    infer_batch: int = 0  # 0: Accel.auto's (1024 on CUDA, 256 on CPU, faster there)
     compile: str = "auto"  # auto: torch.compile the conv stacks on CUDA only; "yes" / "no"
 
     @classmethod
@@ -197,19 +200,23 @@ class Checkpointer:
 
 
 # --- the shared training loop --------------------------------------------------------------------
-def _memory_format(model: nn.Module) -> torch.memory_format:
-    return torch.channels_last if getattr(model, "channels_last", False) else torch.contiguous_format
-
-
 def use_channels_last(width: int, device: torch.device | str = "cuda") -> bool:
-    """channels_last on CUDA; on CPU only for narrow models (8 <= width <= 32).
+    """channels_last on CUDA; on CPU only for narrow models (see :func:`unpoison.accel.dvae_channels_last`)."""
+    return dvae_channels_last(width, device)
 
-    Measured on CPU (docs/results/purify_speed.md): width 8 trains 1.09x faster in channels_last,
-    width 64 0.65x (slower). torch 2.14's CPU kernels also corrupt the heap on channels_last convs
-    with 2 channels (seen with width 4, one thread)."""
-    if torch.device(device).type == "cuda":
-        return True
-    return 8 <= width <= 32
+
+def dvae_accel(cfg: DVAEConfig, device: torch.device | str) -> Accel:
+    """The default switches for ``cfg`` on ``device``: :meth:`Accel.auto` with the config's compile / batch."""
+    return Accel.auto(device, "dvae", cfg.width, compile={"yes": True, "no": False}.get(cfg.compile),
+                      infer_batch=cfg.infer_batch or None)
+
+
+def compile_stacks(model: nn.Module) -> None:
+    """``torch.compile`` the conv stacks (encoder and decoders) in place; the small 1x1 heads stay eager."""
+    for name in ("encoder", "decoder", "perturbation_decoder"):
+        sub = getattr(model, name, None)
+        if sub is not None and getattr(sub, "_compiled_call_impl", None) is None:
+            sub.compile()
 
 
 def _float_batch(x_u8: torch.Tensor, fmt: torch.memory_format = torch.channels_last) -> torch.Tensor:
@@ -219,14 +226,18 @@ def _float_batch(x_u8: torch.Tensor, fmt: torch.memory_format = torch.channels_l
 def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
                       x_u8: torch.Tensor, y: torch.Tensor | None, cfg: DVAEConfig, kld_limit: float, stage: str,
                       seed: int, ckpt: Checkpointer, progress: bool = True,
-                      callback: EpochCallback | None = None) -> list[dict[str, float]]:
-    """Train ``model`` in place on uint8 NCHW ``x_u8`` (on the device) and return per-epoch history."""
+                      callback: EpochCallback | None = None, accel: Accel | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in place on uint8 NCHW ``x_u8`` (on the device) and return per-epoch history.
+
+    ``accel`` picks the speed switches (default :func:`dvae_accel`); the model is put in its memory format.
+    """
     dev = x_u8.device
-    cuda = dev.type == "cuda"
+    accel = accel or dvae_accel(cfg, dev)
+    model.to(memory_format=accel.memory_format)
     n = len(x_u8)
     steps = math.ceil(n / cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=cuda)
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=accel.fused_adam)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps, eta_min=0.0)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -237,17 +248,17 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"])
+        if "rng_state" in state:
+            rng.restore(state["rng_state"], {"data": gen}, ckpt.dir)
+        else:  # a checkpoint from before RNG states were all saved: the data generator only
+            gen.set_state(state["rng"])
         history = list(state["history"])
         start = int(state["epoch"])
     fwd = model
-    if cfg.compile == "yes" or (cfg.compile == "auto" and cuda):
-        for name in ("encoder", "decoder", "perturbation_decoder"):
-            sub = getattr(model, name, None)
-            if sub is not None:
-                sub.compile()
+    if accel.compile:
+        compile_stacks(model)
     is_dvae = isinstance(model, DVAE)
-    fmt = _memory_format(model)
+    fmt = accel.memory_format
     variational = isinstance(model, (DVAE, RateConstrainedVAE))
     total = cfg.epochs * steps
     bar = tqdm(total=total, initial=start * steps, desc=stage, disable=not progress, leave=False,
@@ -261,7 +272,7 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
             for i in range(steps):
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 xb = _float_batch(x_u8[idx], fmt)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                with accel.autocast(dev):
                     if is_dvae:
                         out = fwd(xb, y[idx], sample=True, generator=gen)  # type: ignore[index]
                     elif variational:
@@ -290,7 +301,8 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
                    "kld": s[2], "lr": sched.get_last_lr()[0], "time_s": time.perf_counter() - t0}
             history.append(rec)
             ckpt.save_epoch(stage, {"epoch": ep + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "rng": gen.get_state(), "history": history})
+                                    "scheduler": sched.state_dict(), "rng_state": rng.capture({"data": gen}),
+                                    "history": history})
             if callback is not None:
                 callback({"stage": stage, **rec})
     finally:
@@ -300,16 +312,17 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
 
 
 @torch.no_grad()
-def _infer(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor | None, batch: int,
+def _infer(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor | None, accel: Accel,
            fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Batched inference with ``z = mu``; ``fn(out, x)`` picks the float [0,1]-scale result per batch."""
+    """Batched inference with ``z = mu`` (``accel.infer_batch`` images a batch); ``fn(out, x)`` picks the
+    float [0,1]-scale result per batch."""
     model.eval()
-    cuda = x_u8.device.type == "cuda"
     outs = []
-    fmt = _memory_format(model)
+    fmt = accel.memory_format
+    batch = accel.infer_batch
     for i in range(0, len(x_u8), batch):
         xb = _float_batch(x_u8[i:i + batch], fmt)
-        with torch.autocast(x_u8.device.type, dtype=torch.bfloat16, enabled=cuda):
+        with accel.autocast(x_u8.device):
             out = model(xb, y[i:i + batch]) if isinstance(model, DVAE) else model(xb)  # type: ignore[index]
         outs.append(fn({k: v.float() for k, v in out.items()}, xb))
     res = torch.cat(outs)
@@ -336,10 +349,13 @@ class _AutoencoderPurifier(Purifier):
 
     def __init__(self, preset: str = "paper", device: str | torch.device = "auto", seed: int = 0,
                  progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                 epoch_callback: EpochCallback | None = None, **overrides: Any) -> None:
+                 epoch_callback: EpochCallback | None = None, accel: Accel | None = None,
+                 **overrides: Any) -> None:
         super().__init__(preset=preset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
         self.config = DVAEConfig.preset(preset, **overrides)
         self.device = pick_device(device)
+        #: speed switches of training and inference (default: this config's on this device)
+        self.accel = accel or dvae_accel(self.config, self.device)
         self.seed = int(seed)
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
@@ -348,10 +364,6 @@ class _AutoencoderPurifier(Purifier):
         self.models_: dict[str, nn.Module] = {}
         self.num_classes_: int = 0
         self.history_: dict[str, list[dict[str, float]]] = {}
-
-    @property
-    def _infer_batch(self) -> int:
-        return self.config.infer_batch or (1024 if self.device.type == "cuda" else 256)
 
     def _labels(self, y: np.ndarray | None, fitting: bool) -> torch.Tensor | None:
         if y is None:
@@ -383,17 +395,17 @@ class _AutoencoderPurifier(Purifier):
                    offset: int) -> nn.Module:
         done = ckpt.stage_output(stage)
         seed_everything(self.seed * 1000 + offset)
-        model = make().to(self.device)
-        model.channels_last = use_channels_last(self.config.width, self.device)
-        model = model.to(memory_format=_memory_format(model))
+        model = make().to(self.device, memory_format=self.accel.memory_format)
         if done is not None:
             model.load_state_dict(done["model"])
             self.history_[stage] = list(done["history"])
             model.eval()
+            if self.accel.compile:
+                compile_stacks(model)
         else:
             self.history_[stage] = train_autoencoder(
                 model, loss_fn, x_u8, y, self.config, kld_limit, stage, self.seed * 1000 + offset, ckpt,
-                self.progress, self.epoch_callback)
+                self.progress, self.epoch_callback, self.accel)
             ckpt.save_stage_output(stage, {"model": model.state_dict(), "history": self.history_[stage]})
         self.models_[stage] = model
         return model
@@ -450,7 +462,7 @@ class DVAEPurifier(_AutoencoderPurifier):
             if saved is not None:
                 x1 = saved["x1"].to(self.device)
             else:
-                x1 = _to_u8(_infer(m1, x0, yt, self._infer_batch, lambda o, xb: xb - o["p_hat"]))
+                x1 = _to_u8(_infer(m1, x0, yt, self.accel, lambda o, xb: xb - o["p_hat"]))
                 ckpt.save_stage_output("stage1_images", {"x1": x1.cpu()})
         del x0
         self._fit_stage("stage2", self._make(2, c, (h, w)), dvae_loss, x1, yt, cfg.kld_limit2, ckpt, 2)
@@ -468,7 +480,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
         x_u8 = to_device_images(xx, self.device)
-        p = _infer(self.models_[stage], x_u8, yy, self._infer_batch, lambda o, xb: o["p_hat"] * 255)
+        p = _infer(self.models_[stage], x_u8, yy, self.accel, lambda o, xb: o["p_hat"] * 255)
         return _nhwc(p.half())
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -481,7 +493,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         psnrs: dict[str, float] = {}
         x1 = x0
         if "stage1" in self.models_:
-            p1 = _infer(self.models_["stage1"], x0, yt, self._infer_batch, lambda o, xb: o["p_hat"])
+            p1 = _infer(self.models_["stage1"], x0, yt, self.accel, lambda o, xb: o["p_hat"])
             x1 = _to_u8(x0.float() / 255 - p1)
             self.extras_["p_hat"] = _nhwc((p1 * 255).half())
             del p1
@@ -490,13 +502,14 @@ class DVAEPurifier(_AutoencoderPurifier):
         m2 = self.models_["stage2"]
         x2 = x1
         if cfg.stage2_subtract:
-            x2 = _to_u8(_infer(m2, x1, yt, self._infer_batch, lambda o, xb: xb - o["p_hat"]))
+            x2 = _to_u8(_infer(m2, x1, yt, self.accel, lambda o, xb: xb - o["p_hat"]))
             self.stages_["after stage 2 subtraction"] = _nhwc(x2)
             psnrs["stage2_x1_x2"] = psnr(x1, x2)
-        x3 = _to_u8(_infer(m2, x2, yt, self._infer_batch, lambda o, xb: o["x_hat"]))
+        x3 = _to_u8(_infer(m2, x2, yt, self.accel, lambda o, xb: o["x_hat"]))
         psnrs["stage2_x2_x3"] = psnr(x2, x3)
         psnrs["total_x0_x3"] = psnr(x0, x3)
         self.info_ = {"psnr_db": psnrs, "final_losses": self._final_losses(), "config": asdict(cfg),
+                      "accel": self.accel.to_dict(),
                       "preset": self.params.get("preset"), "p_hat_units": "0..255 pixel units (float16 NHWC)",
                       "inference_s": time.perf_counter() - t0, "device": str(self.device)}
         return _nhwc(x3)
@@ -525,9 +538,9 @@ class _ReconstructionPurifier(_AutoencoderPurifier):
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         self._check_fitted()
         x0 = to_device_images(x, self.device)
-        out = _to_u8(_infer(self.models_[self.name], x0, None, self._infer_batch, lambda o, xb: o["x_hat"]))
+        out = _to_u8(_infer(self.models_[self.name], x0, None, self.accel, lambda o, xb: o["x_hat"]))
         self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
-                      "config": asdict(self.config)}
+                      "config": asdict(self.config), "accel": self.accel.to_dict()}
         return _nhwc(out)
 
 
