@@ -38,9 +38,10 @@ from ..models.dvae import (
     dvae_loss,
     vae_loss,
 )
-from ..train import to_device_images
-from ..utils import atomic_path, pick_device, psnr, seed_everything, write_json
-from .base import DEFENSES, Purifier
+from ..presets import PresetTable, register_presets
+from ..tensors import pick_device, rng_scope, to_device_images
+from ..utils import atomic_path, psnr, write_json
+from .base import DEFENSES, Purifier, _show
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -70,15 +71,11 @@ class DVAEConfig:
 
     @classmethod
     def preset(cls, name: str = "paper", **overrides: Any) -> DVAEConfig:
-        if name not in PRESETS:
-            raise UserError(f"unknown D-VAE preset {name!r}; known: {', '.join(PRESETS)}")
-        cfg = cls(**PRESETS[name])
-        known = {f.name for f in fields(cls)}
-        for k, v in overrides.items():
-            if k not in known:
-                raise UserError(f"unknown D-VAE parameter {k!r}")
-            if v is not None:
-                setattr(cfg, k, type(getattr(cfg, k))(v))
+        """The named preset (or ``auto``) with ``overrides`` (None = keep the preset's; unknown = error)."""
+        table = DVAE_PRESETS.values(name, overrides)
+        cfg = cls()
+        for k, v in table.items():
+            setattr(cfg, k, type(getattr(cfg, k))(v))
         cfg.check()
         return cfg
 
@@ -104,8 +101,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"width": 8, "latent": 32, "epochs": 6, "batch_size": 64},
 }
 
+DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(f.name for f in fields(DVAEConfig)),
+                                            aliases={"smoke": "cpu"}, help="D-VAE / VAE / AE purification",
+                                            label="D-VAE"))
+
 _COMMON_PARAMS: dict[str, tuple[type, Any, str]] = {
-    "preset": (str, "paper", "hyperparameter preset: paper, imagenet or cpu"),
     "width": (int, None, "auto-encoder width w (default: the preset's)"),
     "latent": (int, None, "latent channels (default: the preset's)"),
     "epochs": (int, None, "training epochs per stage (default: the preset's)"),
@@ -320,16 +320,17 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 class _AutoencoderPurifier(Purifier):
     """Shared plumbing: config from a preset, device, seed, checkpoints, labels, geometry checks."""
 
-    COMMON = frozenset({"device", "seed", "progress"})
+    COMMON = frozenset({"device", "seed", "progress", "preset"})
     learns = True
     supports_checkpoint = True
 
     def __init__(self, preset: str = "paper", device: str | torch.device = "auto", seed: int = 0,
                  progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
                  epoch_callback: EpochCallback | None = None, **overrides: Any) -> None:
+        preset = DVAE_PRESETS.resolve(preset, device)
         super().__init__(preset=preset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
         self.config = DVAEConfig.preset(preset, **overrides)
-        self.device = pick_device(device)
+        self.device = device  # as given; the device a fit runs on is ``device_``
         self.seed = int(seed)
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
@@ -339,9 +340,23 @@ class _AutoencoderPurifier(Purifier):
         self.num_classes_: int = 0
         self.history_: dict[str, list[dict[str, float]]] = {}
 
+    @classmethod
+    def param_defaults(cls) -> dict[str, str]:
+        """Parameters whose default is "the preset's" show each preset's value (``paper 64, cpu 8``)."""
+        out = super().param_defaults()
+        for k, (_, default, _) in cls.PARAMS.items():
+            if default is None and k in DVAEConfig.__dataclass_fields__:
+                vals = {p: _show(getattr(DVAEConfig.preset(p), k)) for p in DVAE_PRESETS.names()}
+                same = len(set(vals.values())) == 1
+                out[k] = next(iter(vals.values())) if same else ", ".join(f"{p} {v}" for p, v in vals.items())
+        return out
+
+    def _start_fit(self) -> None:
+        self.device_ = pick_device(self.device)
+
     @property
     def _infer_batch(self) -> int:
-        return self.config.infer_batch or (1024 if self.device.type == "cuda" else 256)
+        return self.config.infer_batch or (1024 if self.device_.type == "cuda" else 256)
 
     def _labels(self, y: np.ndarray | None, fitting: bool) -> torch.Tensor | None:
         if y is None:
@@ -355,7 +370,7 @@ class _AutoencoderPurifier(Purifier):
         elif self.num_classes_ and (y.min() < 0 or y.max() >= self.num_classes_):
             raise UserError(f"labels out of range [0, {self.num_classes_}) seen when fitting: "
                             f"[{y.min()}, {y.max()}]")
-        return torch.as_tensor(y, device=self.device)
+        return torch.as_tensor(y, device=self.device_)
 
     def _fingerprint(self, x: np.ndarray, y: np.ndarray | None) -> tuple[str, dict[str, Any]]:
         cfg = {"method": self.name, "seed": self.seed, **asdict(self.config)}
@@ -372,9 +387,9 @@ class _AutoencoderPurifier(Purifier):
                    x_u8: torch.Tensor, y: torch.Tensor | None, kld_limit: float, ckpt: Checkpointer,
                    offset: int) -> nn.Module:
         done = ckpt.stage_output(stage)
-        seed_everything(self.seed * 1000 + offset)
-        model = make().to(self.device)
-        model.channels_last = use_channels_last(self.config.width, self.device)
+        with rng_scope(self.seed * 1000 + offset, self.device_):  # weight init; training draws use a generator
+            model = make().to(self.device_)
+        model.channels_last = use_channels_last(self.config.width, self.device_)
         model = model.to(memory_format=_memory_format(model))
         if done is not None:
             model.load_state_dict(done["model"])
@@ -406,6 +421,12 @@ class DVAEPurifier(_AutoencoderPurifier):
         "stage2_subtract": (bool, None, "ablation: false -> x3 = x_hat(x1), no subtraction in stage 2"),
     }
 
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        h, w, _ = image_shape
+        if not self.config.skip_stage1:
+            check_geometry(h, w, self.config.downsample1)
+        check_geometry(h, w, self.config.downsample2)
+
     def _make(self, stage: int, c: int, hw: tuple[int, int]) -> Callable[[], nn.Module]:
         d = self.config.downsample1 if stage == 1 else self.config.downsample2
         return lambda: DVAE(c, hw, self.num_classes_, self.config.width, self.config.latent, d)
@@ -419,6 +440,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         return self
 
     def _fit(self, x: np.ndarray, y: np.ndarray | None, stage1_only: bool = False) -> None:
+        self._start_fit()
         cfg = self.config
         yt = self._labels(y, fitting=True)
         h, w, c = x.shape[1:]
@@ -430,7 +452,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         fp, cfg_json = self._fingerprint(x, y)
         ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
         self.models_ = {}
-        x0 = to_device_images(x, self.device)
+        x0 = to_device_images(x, self.device_)
         x1 = x0
         if not cfg.skip_stage1:
             m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), dvae_loss, x0, yt, cfg.kld_limit1, ckpt, 1)
@@ -438,7 +460,7 @@ class DVAEPurifier(_AutoencoderPurifier):
                 return
             saved = ckpt.stage_output("stage1_images")
             if saved is not None:
-                x1 = saved["x1"].to(self.device)
+                x1 = saved["x1"].to(self.device_)
             else:
                 x1 = _to_u8(_infer(m1, x0, yt, self._infer_batch, lambda o, xb: xb - o["p_hat"]))
                 ckpt.save_stage_output("stage1_images", {"x1": x1.cpu()})
@@ -457,7 +479,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         yy = self._labels(as_labels(y, len(xx)), fitting=False)
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
-        x_u8 = to_device_images(xx, self.device)
+        x_u8 = to_device_images(xx, self.device_)
         p = _infer(self.models_[stage], x_u8, yy, self._infer_batch, lambda o, xb: o["p_hat"] * 255)
         return _nhwc(p.half())
 
@@ -466,7 +488,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         cfg = self.config
         yt = self._labels(y, fitting=False)
         t0 = time.perf_counter()
-        x0 = to_device_images(x, self.device)
+        x0 = to_device_images(x, self.device_)
         self.stages_, self.extras_ = {}, {}
         psnrs: dict[str, float] = {}
         x1 = x0
@@ -488,7 +510,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         psnrs["total_x0_x3"] = psnr(x0, x3)
         self.info_ = {"psnr_db": psnrs, "final_losses": self._final_losses(), "config": asdict(cfg),
                       "preset": self.params.get("preset"), "p_hat_units": "0..255 pixel units (float16 NHWC)",
-                      "inference_s": time.perf_counter() - t0, "device": str(self.device)}
+                      "inference_s": time.perf_counter() - t0, "device": str(self.device_)}
         return _nhwc(x3)
 
 
@@ -503,18 +525,22 @@ class _ReconstructionPurifier(_AutoencoderPurifier):
     def _limit(self) -> float:
         return 0.0
 
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        check_geometry(image_shape[0], image_shape[1], self.config.downsample)
+
     def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        self._start_fit()
         h, w, c = x.shape[1:]
         check_geometry(h, w, self.config.downsample)
         fp, cfg_json = self._fingerprint(x, None)
         ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
-        x0 = to_device_images(x, self.device)
+        x0 = to_device_images(x, self.device_)
         self._fit_stage(self.name, lambda: self._build(c, (h, w)), type(self).loss_fn, x0, None, self._limit(),
                         ckpt, 1)
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         self._check_fitted()
-        x0 = to_device_images(x, self.device)
+        x0 = to_device_images(x, self.device_)
         out = _to_u8(_infer(self.models_[self.name], x0, None, self._infer_batch, lambda o, xb: o["x_hat"]))
         self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
                       "config": asdict(self.config)}
