@@ -1,6 +1,7 @@
 """``unpoison`` command line: a thin layer over the Python API.
 
-Each sub-command lives in its own module exposing ``add_parser(subparsers)`` and ``run(args)``.
+Each sub-command lives in its own module exposing ``add_parser(subparsers, name, argv)`` and ``run(args)``;
+``argv`` lets a command show the flags of the method it was given (``purify --method jpeg --help``).
 A :class:`~unpoison.errors.UserError` anywhere ends the program with one line on stderr and exit
 code 2; anything else is a bug and keeps its traceback.
 """
@@ -29,28 +30,40 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (a :class:`UserError`), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments"):
+            message += (" (method parameters follow the method: 'unpoison purify --method NAME --help', "
+                        "'unpoison poison --attack NAME --help', 'unpoison evaluate --train-defense NAME --help')")
+        raise UserError(message)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    p = _Parser(
         prog="unpoison",
         description="Make availability-poisoned image datasets learnable again (D-VAE purification).",
     )
     p.add_argument("--version", action="version", version=f"unpoison {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, mod in COMMANDS.items():
-        import_module(f"{__name__}.{mod}").add_parser(sub, name)
+        import_module(f"{__name__}.{mod}").add_parser(sub, name, argv)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    prefix = f"unpoison {command}" if command else "unpoison"
     try:
+        args = build_parser(argv).parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"unpoison {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"unpoison {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
 
 
