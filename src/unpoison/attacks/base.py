@@ -253,8 +253,10 @@ class Attack:
 
     @classmethod
     def presets(cls) -> PresetTable:
-        """This attack's preset table (registered by :func:`register_attack`)."""
-        return PRESET_TABLES.get(f"attack {cls.name}")
+        """This attack's preset table (registered by :func:`register_attack`; built on the fly for a class
+        used without registering it)."""
+        family = f"attack {cls.name}"
+        return PRESET_TABLES.get(family) if family in PRESET_TABLES else _preset_table(cls)
 
     @classmethod
     def code_version(cls) -> str:
@@ -351,14 +353,17 @@ class Attack:
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
+def _preset_table(cls: type[Attack]) -> PresetTable:
+    return PresetTable(f"attack {cls.name}", cls.PRESETS, keys=frozenset(cls.PARAMS),
+                       aliases={"smoke": "cpu"} if "cpu" in cls.PRESETS else {}, help=f"{cls.name}'s method parameters")
+
+
 def register_attack(name: str, help: str = "") -> Any:  # noqa: A002
     """Class decorator: set ``cls.name`` and register it in :data:`ATTACKS`."""
 
     def deco(cls: type[Attack]) -> type[Attack]:
         cls.name = name
-        register_presets(PresetTable(f"attack {name}", cls.PRESETS, keys=frozenset(cls.PARAMS),
-                                     aliases={"smoke": "cpu"} if "cpu" in cls.PRESETS else {},
-                                     help=f"{name}'s method parameters"))
+        register_presets(_preset_table(cls))
         return ATTACKS.register(name, help)(cls)
 
     return deco

@@ -48,8 +48,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
                    help="; ".join(f"{n}: {DEFENSES.help(n)}" for n in DEFENSES.names()).replace("%", "%%"))
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     cls = DEFENSES.get(method)
-    if "preset" in cls.COMMON:
-        add_preset(p, [DVAE_PRESETS])
+    add_preset(p, [DVAE_PRESETS])  # methods without presets (jpeg, bdr, ...) have nothing for it to size
     add_format(p)
     add_device_seed(p)
     add_quiet(p)
