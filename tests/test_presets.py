@@ -161,3 +161,17 @@ def test_ueraser_switch_frac_follows_the_run_length() -> None:
         make_train_defense("ueraser", nope=1)
     with pytest.raises(UserError, match="switch_frac"):
         make_train_defense("ueraser", switch_frac=0.5, switch_step=3)
+
+
+def test_attack_resume_refuses_other_images_with_the_same_shape_and_labels(tmp_path: Path) -> None:
+    from unpoison.attacks import make_attack
+    from unpoison.data import make_synthetic
+
+    ds = make_synthetic(n=32, size=8, channels=3, classes=4, seed=0)
+    kw = {"seed": 0, "device": "cpu", "progress": False, "preset": "cpu", "surrogate": "tinycnn", "rounds": 1,
+          "checkpoint_dir": str(tmp_path)}
+    make_attack("em", **kw).poison(ds.x_train, ds.y_train)
+    other = np.roll(ds.x_train, 1, axis=1)  # same shape, same labels, other content
+    with pytest.raises(UserError, match="different run"):
+        make_attack("em", resume=True, **kw).poison(other, ds.y_train)
+    make_attack("em", resume=True, **kw).poison(ds.x_train, ds.y_train)  # the same images resume
