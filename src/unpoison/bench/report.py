@@ -5,16 +5,24 @@ Writes ``OUTDIR/report/``: ``report.md``, ``index.html`` (self-contained: images
 defenses; Table 5: larger bounds; Table 6: ablation variants x attacks with a mean; Table 13: JPEG
 qualities with a PSNR row; Table 1/7/8 and Sec. 5.2 for the other experiment kinds). When the
 dataset is CIFAR-10 the paper's numbers are printed beside ours as ``ours (paper)``.
-Accuracies are the mean over seeds (``± std`` when there are several).
+Accuracies are the mean over seeds (``± std`` when there are several). ``table: {layout: efficacy}``
+lays a purify grid out per attack (bound, PSNR, surrogate accuracy, test accuracy, drop vs clean,
+accuracy without crop/flip, craft time).
+
+Names in a config or a dataset spec are user input: Markdown cells escape markup, CSV cells that would
+start a spreadsheet formula (``= + - @``) are quoted, and file names are built from a sanitised stem plus a
+hash of the spec, never from a raw path.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -41,12 +49,13 @@ _T2 = {
 _T13 = {"ntga": [66.83, 64.28, 60.19], "em": [70.48, 54.22, 42.23], "tap": [84.82, 77.98, 57.45],
         "rem": [77.73, 71.19, 63.39], "sep": [87.57, 82.25, 59.09], "lsp": [42.11, 33.99, 29.19],
         "ar": [89.17, 86.11, 80.01], "ops": [79.01, 68.68, 59.81]}
-#: Table 5: larger bounds (l_inf 16/255, l2 2.0)
-_T5_COLS = ["w/o", "AT", "AA", "ISS", "AVA.", "Ours"]
-_T5 = {"em": [10.09, 84.02, 49.23, 83.62, 85.61, 91.06], "tap": [18.45, 83.46, 52.92, 84.98, 89.43, 90.55],
-       "rem": [23.22, 35.41, 50.92, 75.50, 52.26, 79.18], "sep": [12.05, 83.98, 56.71, 85.00, 88.96, 90.93],
-       "lsp": [15.45, 79.10, 59.10, 41.41, 41.70, 86.43]}
-#: Table 6: ablation variants (keys are D-VAE's ``variant`` parameter values)
+#: Table 5: larger bounds (l_inf 16/255, l2 2.0). The paper's ISS column has no defense here (ISS is
+#: JPEG/grayscale compression, which Table 2's columns cover), so it is not carried.
+_T5_COLS = ["w/o", "AT", "AA", "AVA.", "Ours"]
+_T5 = {"em": [10.09, 84.02, 49.23, 85.61, 91.06], "tap": [18.45, 83.46, 52.92, 89.43, 90.55],
+       "rem": [23.22, 35.41, 50.92, 52.26, 79.18], "sep": [12.05, 83.98, 56.71, 88.96, 90.93],
+       "lsp": [15.45, 79.10, 59.10, 41.70, 86.43]}
+#: Table 6: ablation variants, named by :func:`dvae_variant` from D-VAE's real parameters
 _T6 = {"no_stage1": {"ntga": 78.62, "em": 91.85, "tap": 90.97, "rem": 82.06, "sep": 90.76, "lsp": 66.76,
                      "ar": 91.39, "ops": 51.71},
        "no_subtract_stage2": {"ntga": 87.44, "em": 91.18, "tap": 90.70, "rem": 85.21, "sep": 90.79, "lsp": 90.63,
@@ -61,6 +70,18 @@ _T7 = {("em", 0.2): (0.918, 1.0, 0.709, 0.830), ("rem", 0.2): (0.561, 1.0, 0.312
        ("em", 0.8): (0.982, 1.0, 0.978, 0.989), ("rem", 0.8): (0.958, 0.998, 0.951, 0.975),
        ("lsp", 0.8): (0.973, 1.0, 0.968, 0.984), ("ops", 0.8): (0.932, 0.997, 0.924, 0.959)}
 _DEF_COL = {"none": "w/o", "at": "AT", "ueraser": "AA", "bdr": "BDR", "gray": "Gray", "avatar": "AVA.", "dvae": "Ours"}
+
+
+def dvae_variant(params: dict[str, Any]) -> str | None:
+    """Which Table 6 row a D-VAE's parameters are: ``no_stage1`` (``skip_stage1``), ``no_subtract_stage2``
+    (``stage2_subtract: false``), or None (the full method, or both ablations at once)."""
+    skip = bool(params.get("skip_stage1", False))
+    no_sub = params.get("stage2_subtract", True) is False
+    if skip and not no_sub:
+        return "no_stage1"
+    if no_sub and not skip:
+        return "no_subtract_stage2"
+    return None
 
 
 def is_cifar10(spec: str) -> bool:
@@ -82,8 +103,9 @@ def paper_value(cfg: dict[str, Any]) -> float | None:
             large = True
         elif not (math.isclose(eps, 8 / 255, rel_tol=1e-3) or math.isclose(eps, 1.0)):
             return None
-    if d["name"] == "dvae" and params.get("variant") in _T6:
-        return None if large else _T6[params["variant"]].get(atk)
+    variant = dvae_variant(params) if d["name"] == "dvae" else None
+    if variant is not None:
+        return None if large else _T6[variant].get(atk)
     if d["name"] == "jpeg":
         q = int(params.get("quality", 10))
         if large:
@@ -116,17 +138,33 @@ def _fmt(vals: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" + (f" ± {float(np.std(vals)):.{digits}f}" if len(vals) > 1 else "")
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#~!])")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def md_escape(text: Any) -> str:
+    """Markdown-inert text: markup characters backslash-escaped, line breaks flattened."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+def csv_safe(text: Any) -> str:
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ (or tab/CR) gets a leading quote;
+    plain numbers (``-0.69``) are left as they are."""
+    s = str(text)
+    return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.match(s) else s
+
+
 class Table:
     def __init__(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
         self.title, self.header, self.rows, self.note = title, header, rows, note
 
     def markdown(self) -> str:
-        out = [f"### {self.title}", ""]
-        out.append("| " + " | ".join(self.header) + " |")
+        out = [f"### {md_escape(self.title)}", ""]
+        out.append("| " + " | ".join(map(md_escape, self.header)) + " |")
         out.append("|" + "---|" * len(self.header))
-        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        out += ["| " + " | ".join(map(md_escape, r)) + " |" for r in self.rows]
         if self.note:
-            out += ["", self.note]
+            out += ["", md_escape(self.note)]
         return "\n".join(out) + "\n"
 
     def html(self) -> str:
@@ -138,8 +176,8 @@ class Table:
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(self.header)
-        w.writerows(self.rows)
+        w.writerow([csv_safe(c) for c in self.header])
+        w.writerows([[csv_safe(c) for c in r] for r in self.rows])
         return buf.getvalue()
 
 
@@ -313,6 +351,66 @@ def _metric_table(cells: list[dict[str, Any]], title: str, row_axes: list[str], 
     return Table(title, header, body)
 
 
+def _bound_text(info: dict[str, Any]) -> str:
+    norm, eps = info.get("norm"), info.get("eps")
+    if eps is None:
+        return "-"
+    if norm == "linf":
+        return f"l_inf {eps * 255:.0f}/255"
+    return f"l2 {eps:.3f}" if norm == "l2" else f"l0 {eps:.0f} px"
+
+
+def efficacy_table(cells: list[dict[str, Any]], title: str) -> Table:
+    """Attack efficacy, one row per attack (and defense, when a grid has several): the bound enforced, PSNR of
+    the poisoned set to the clean one, the surrogate's accuracy on its own poison, clean test accuracy, its drop
+    from the clean row (attack ``none``), accuracy without crop/flip (when measured) and the time to craft."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in cells:
+        groups[(axis_label(r["config"], "attack"), axis_label(r["config"], "defense"))].append(r)
+    several = len({d for _, d in groups}) > 1
+    no_aug = any((r["results"] or {}).get("acc_no_aug") is not None for r in cells)
+
+    def mean(g: list[dict[str, Any]], key: str) -> float | None:
+        v = [float(r["results"][key]) for r in g if r["status"] == "done" and r["results"].get(key) is not None]
+        return float(np.mean(v)) if v else None
+
+    clean = {d: mean(g, "final_acc") for (a, d), g in groups.items() if g[0]["config"]["attack"]["name"] == "none"}
+    body = []
+    for (atk, dfn), g in groups.items():
+        done = [r for r in g if r["status"] == "done"]
+        info = (done[0]["results"].get("attack_info") or {}) if done else {}
+        acc = mean(g, "final_acc")
+        sur = next((info[k] for k in ("surrogate_acc_poisoned", "surrogate_acc") if info.get(k) is not None), None)
+        sur_txt = "-" if sur is None else f"{sur:.1f}"
+        if info.get("target_hit_rate") is not None:
+            sur_txt += f" (target hit {info['target_hit_rate']:.1f})"
+        base = clean.get(dfn)
+        is_clean = g[0]["config"]["attack"]["name"] == "none"
+        psnr_a, craft, plain = mean(g, "psnr_attack"), mean(g, "craft_s"), mean(g, "acc_no_aug")
+        line = [atk] + ([dfn] if several else []) + [
+            _bound_text(info), "-" if is_clean or psnr_a is None else f"{psnr_a:.2f}", sur_txt,
+            _fmt([acc], 2) if acc is not None else (_status_text(g) or ""),
+            "-" if is_clean or acc is None or base is None else f"{base - acc:.1f}"]
+        if no_aug:
+            line.append("" if plain is None else f"{plain:.2f}")
+        line.append("-" if is_clean or craft is None else f"{craft:.0f}")
+        body.append(line)
+    header = ["attack"] + (["defense"] if several else []) + [
+        "bound", "PSNR (dB)", "surrogate acc on poison (%)", "test acc (%)", "drop (pts)"]
+    header += (["test acc, no crop/flip (%)"] if no_aug else []) + ["craft (s)"]
+    return Table(title, header, body)
+
+
+def file_tag(spec: str, model: Any = None) -> str:
+    """A file-name part for a (dataset, model) group: a readable stem of the spec plus a hash of the whole
+    spec, so no raw path (``..``, separators, odd characters) ever reaches a file name."""
+    last = re.split(r"[/\\]", str(spec).rstrip("/\\"))[-1]
+    m = re.match(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", last)
+    stem = m.group(0) if m else "data"
+    tag = f"{stem}-{hashlib.sha256(str(spec).encode()).hexdigest()[:6]}"
+    return tag if model is None else f"{tag}-{_safe(str(model))[:32]}"
+
+
 def _t7(cfg: dict[str, Any]) -> tuple[float, ...] | None:
     if not is_cifar10(cfg.get("dataset", "")):
         return None
@@ -337,7 +435,10 @@ def build_report(outdir: str | Path) -> Path:
     figures: list[tuple[str, Path]] = []
 
     for (ds, model), cells in _group(rows, "purify").items():
-        tag = f"{Path(ds).name.split(':')[0]}-{model}"
+        tag = file_tag(ds, model)
+        if spec.get("layout") == "efficacy":
+            tables.append((f"{meta.get('name')}-{tag}", efficacy_table(cells, f"{title} — {ds}, {model}")))
+            continue
         t = pivot(cells, spec.get("rows", "attack"), spec.get("cols", "defense"), title=f"{title} — {ds}, {model}",
                   mean_row=bool(spec.get("mean_row")), mean_col=bool(spec.get("mean_col")),
                   psnr_row=bool(spec.get("psnr_row")), with_paper=is_cifar10(ds) and model == "resnet18")
@@ -361,12 +462,12 @@ def build_report(outdir: str | Path) -> Path:
         atks = pivot(cells, "model", "attack").header[1:]
         t = Table(f"Table 1: accuracy (%) of a model trained on clean + p_hat — {ds}, {model}", ["test set", *atks],
                   body)
-        tables.append((f"table1-{Path(ds).name}-{model}", t))
+        tables.append((f"table1-{file_tag(ds, model)}", t))
     for (ds, model), cells in _group(rows, "detect").items():
         t = _metric_table(cells, f"Table 7: poisoned-sample detection — {ds}, {model}", ["attack", "ratio"],
                           [("det_acc", "Acc."), ("recall", "Recall"), ("precision", "Precision"), ("f1", "F1")],
                           paper=_t7 if is_cifar10(ds) else None)
-        tables.append((f"table7-{Path(ds).name}-{model}", t))
+        tables.append((f"table7-{file_tag(ds, model)}", t))
     for (ds, model), cells in _group(rows, "partial").items():
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in cells:
@@ -377,14 +478,14 @@ def build_report(outdir: str | Path) -> Path:
             t = pivot(g, "defense", "ratio")
             header = ["attack", *t.header]
             body += [[atk, *row] for row in t.rows]
-        tables.append((f"table8-{Path(ds).name}-{model}",
+        tables.append((f"table8-{file_tag(ds, model)}",
                        Table(f"Table 8: accuracy (%) under partial poisoning — {ds}, {model}", header, body)))
     for (ds, model), cells in _group(rows, "amplify").items():
         t = _metric_table(cells, f"Sec. 5.2: D-VAE-amplified poison — {ds}, {model}", ["attack", "ratio"],
                           [("final_acc", "test acc. (amplified)"),
                            ("acc_small_poison_only", "test acc. (small poison)")],
                           digits=2)
-        tables.append((f"amplify-{Path(ds).name}-{model}", t))
+        tables.append((f"amplify-{file_tag(ds, model)}", t))
     for r in rows:
         if r["config"]["kind"] == "theorem2" and r["status"] == "done":
             res = r["results"]
@@ -395,6 +496,13 @@ def build_report(outdir: str | Path) -> Path:
                 body, f"all hold: {res['all_hold']}; KLD increasing in r: {res['kld_increasing_in_r']}")))
             figures.append(("Theorem 2", fig_theorem2(res, rdir / "figures" / "theorem2.png")))
             break
+    deps = [r for r in rows if r["config"]["kind"] == "train-diffusion"]
+    if deps:
+        tables.append(("dependencies", Table(
+            "Dependencies: diffusion models the AVATAR cells denoise with",
+            ["cell", "status", "final loss", "parameters (M)"],
+            [[r["key"], r["status"], _num_text((r["results"] or {}).get("final_loss"), "{:.4f}"),
+              _num_text((r["results"] or {}).get("parameters"), "{:.2f}", 1e-6)] for r in deps])))
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         tables.append(("failed", Table("Failed cells", ["cell", "error"],
@@ -407,16 +515,19 @@ def build_report(outdir: str | Path) -> Path:
     summary = (f"grid **{meta.get('name')}** (preset {meta.get('preset')}, fingerprint {meta.get('fingerprint')}): "
                f"{len(rows)} cells — " + ", ".join(f"{k} {v}" for k, v in counts.items()) +
                f"; cell time total {sum(timings) / 60:.1f} min")
-    md = [f"# {title}", "", summary, ""]
+    note = str(cfg.get("note") or "")
+    md = [f"# {md_escape(title)}", "", md_escape(summary).replace("\\*\\*", "**"), ""]
+    md += [md_escape(note), ""] if note else []
     md += [t.markdown() for _, t in tables]
-    md += [f"![{n}](figures/{p.name})" for n, p in figures]
-    md += ["", "## Image grids", ""] + [f"- {k}: `{p.relative_to(outdir)}`" for k, p in grids]
+    md += [f"![{md_escape(n)}](figures/{p.name})" for n, p in figures]
+    md += ["", "## Image grids", ""] + [f"- {md_escape(k)}: `{p.relative_to(outdir)}`" for k, p in grids]
     write_text_atomic(rdir / "report.md", "\n".join(md) + "\n")
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
             "margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}"
             "td:first-child{text-align:left}.note{color:#666;font-size:12px}img{max-width:100%}</style></head><body>",
             f"<h1>{html.escape(title)}</h1><p>{html.escape(summary.replace('**', ''))}</p>"]
+    page += [f"<p class='note'>{html.escape(note)}</p>"] if note else []
     page += [t.html() for _, t in tables]
     for n, p in figures:
         page.append(f"<h3>{html.escape(n)}</h3>{_img(p)}")
@@ -427,6 +538,10 @@ def build_report(outdir: str | Path) -> Path:
     out = rdir / "index.html"
     write_text_atomic(out, "\n".join(page))
     return out
+
+
+def _num_text(v: Any, fmt: str, scale: float = 1.0) -> str:
+    return fmt.format(float(v) * scale) if isinstance(v, (int, float)) else ""
 
 
 def _img(p: Path) -> str:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import rng
 from ..accel import Accel, dvae_channels_last
 from ..data.fingerprint import content_fingerprint
-from ..errors import NonFiniteError, UserError
+from ..errors import NonFiniteError, UserError, check_finite_loss
 from ..models.dvae import (
     DVAE,
     BottleneckAE,
@@ -42,9 +42,10 @@ from ..models.dvae import (
     dvae_loss,
     vae_loss,
 )
-from ..train import check_finite_loss, to_device_images
-from ..utils import atomic_path, pick_device, psnr, seed_everything, write_json
-from .base import DEFENSES, Purifier
+from ..presets import PresetTable, register_presets
+from ..tensors import pick_device, rng_scope, to_device_images
+from ..utils import atomic_path, psnr, write_json
+from .base import DEFENSES, Purifier, _show
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -74,15 +75,11 @@ class DVAEConfig:
 
     @classmethod
     def preset(cls, name: str = "paper", **overrides: Any) -> DVAEConfig:
-        if name not in PRESETS:
-            raise UserError(f"unknown D-VAE preset {name!r}; known: {', '.join(PRESETS)}")
-        cfg = cls(**PRESETS[name])
-        known = {f.name for f in fields(cls)}
-        for k, v in overrides.items():
-            if k not in known:
-                raise UserError(f"unknown D-VAE parameter {k!r}")
-            if v is not None:
-                setattr(cfg, k, type(getattr(cfg, k))(v))
+        """The named preset (or ``auto``) with ``overrides`` (None = keep the preset's; unknown = error)."""
+        table = DVAE_PRESETS.values(name, overrides)
+        cfg = cls()
+        for k, v in table.items():
+            setattr(cfg, k, type(getattr(cfg, k))(v))
         cfg.check()
         return cfg
 
@@ -115,8 +112,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"width": 8, "latent": 32, "epochs": 6, "batch_size": 64},
 }
 
+DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(f.name for f in fields(DVAEConfig)),
+                                            aliases={"smoke": "cpu"}, help="D-VAE / VAE / AE purification",
+                                            label="D-VAE"))
+
 _COMMON_PARAMS: dict[str, tuple[type, Any, str]] = {
-    "preset": (str, "paper", "hyperparameter preset: paper, imagenet or cpu"),
     "width": (int, None, "auto-encoder width w (default: the preset's)"),
     "latent": (int, None, "latent channels (default: the preset's)"),
     "epochs": (int, None, "training epochs per stage (default: the preset's)"),
@@ -343,7 +343,7 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 class _AutoencoderPurifier(Purifier):
     """Shared plumbing: config from a preset, device, seed, checkpoints, labels, geometry checks."""
 
-    COMMON = frozenset({"device", "seed", "progress"})
+    COMMON = frozenset({"device", "seed", "progress", "preset"})
     learns = True
     supports_checkpoint = True
 
@@ -351,11 +351,12 @@ class _AutoencoderPurifier(Purifier):
                  progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
                  epoch_callback: EpochCallback | None = None, accel: Accel | None = None,
                  **overrides: Any) -> None:
+        preset = DVAE_PRESETS.resolve(preset, device)
         super().__init__(preset=preset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
         self.config = DVAEConfig.preset(preset, **overrides)
-        self.device = pick_device(device)
-        #: speed switches of training and inference (default: this config's on this device)
-        self.accel = accel or dvae_accel(self.config, self.device)
+        self.device = device  # as given; the device a fit runs on is ``device_``
+        #: speed switches as given (None: this config's defaults on ``device_``, see ``accel_``)
+        self.accel = accel
         self.seed = int(seed)
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
@@ -364,6 +365,22 @@ class _AutoencoderPurifier(Purifier):
         self.models_: dict[str, nn.Module] = {}
         self.num_classes_: int = 0
         self.history_: dict[str, list[dict[str, float]]] = {}
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, str]:
+        """Parameters whose default is "the preset's" show each preset's value (``paper 64, cpu 8``)."""
+        out = super().param_defaults()
+        for k, (_, default, _) in cls.PARAMS.items():
+            if default is None and k in DVAEConfig.__dataclass_fields__:
+                vals = {p: _show(getattr(DVAEConfig.preset(p), k)) for p in DVAE_PRESETS.names()}
+                same = len(set(vals.values())) == 1
+                out[k] = next(iter(vals.values())) if same else ", ".join(f"{p} {v}" for p, v in vals.items())
+        return out
+
+    def _start_fit(self) -> None:
+        self.device_ = pick_device(self.device)
+        #: the speed switches this fit uses (training and inference)
+        self.accel_ = self.accel or dvae_accel(self.config, self.device_)
 
     def _labels(self, y: np.ndarray | None, fitting: bool) -> torch.Tensor | None:
         if y is None:
@@ -377,7 +394,7 @@ class _AutoencoderPurifier(Purifier):
         elif self.num_classes_ and (y.min() < 0 or y.max() >= self.num_classes_):
             raise UserError(f"labels out of range [0, {self.num_classes_}) seen when fitting: "
                             f"[{y.min()}, {y.max()}]")
-        return torch.as_tensor(y, device=self.device)
+        return torch.as_tensor(y, device=self.device_)
 
     def _fingerprint(self, x: np.ndarray, y: np.ndarray | None) -> tuple[str, dict[str, Any]]:
         cfg = {"method": self.name, "seed": self.seed, **asdict(self.config)}
@@ -394,18 +411,18 @@ class _AutoencoderPurifier(Purifier):
                    x_u8: torch.Tensor, y: torch.Tensor | None, kld_limit: float, ckpt: Checkpointer,
                    offset: int) -> nn.Module:
         done = ckpt.stage_output(stage)
-        seed_everything(self.seed * 1000 + offset)
-        model = make().to(self.device, memory_format=self.accel.memory_format)
+        with rng_scope(self.seed * 1000 + offset, self.device_):  # weight init; training draws use a generator
+            model = make().to(self.device_, memory_format=self.accel_.memory_format)
         if done is not None:
             model.load_state_dict(done["model"])
             self.history_[stage] = list(done["history"])
             model.eval()
-            if self.accel.compile:
+            if self.accel_.compile:
                 compile_stacks(model)
         else:
             self.history_[stage] = train_autoencoder(
                 model, loss_fn, x_u8, y, self.config, kld_limit, stage, self.seed * 1000 + offset, ckpt,
-                self.progress, self.epoch_callback, self.accel)
+                self.progress, self.epoch_callback, self.accel_)
             ckpt.save_stage_output(stage, {"model": model.state_dict(), "history": self.history_[stage]})
         self.models_[stage] = model
         return model
@@ -428,6 +445,12 @@ class DVAEPurifier(_AutoencoderPurifier):
         "stage2_subtract": (bool, None, "ablation: false -> x3 = x_hat(x1), no subtraction in stage 2"),
     }
 
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        h, w, _ = image_shape
+        if not self.config.skip_stage1:
+            check_geometry(h, w, self.config.downsample1)
+        check_geometry(h, w, self.config.downsample2)
+
     def _make(self, stage: int, c: int, hw: tuple[int, int]) -> Callable[[], nn.Module]:
         d = self.config.downsample1 if stage == 1 else self.config.downsample2
         return lambda: DVAE(c, hw, self.num_classes_, self.config.width, self.config.latent, d)
@@ -441,6 +464,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         return self
 
     def _fit(self, x: np.ndarray, y: np.ndarray | None, stage1_only: bool = False) -> None:
+        self._start_fit()
         cfg = self.config
         yt = self._labels(y, fitting=True)
         h, w, c = x.shape[1:]
@@ -452,7 +476,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         fp, cfg_json = self._fingerprint(x, y)
         ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
         self.models_ = {}
-        x0 = to_device_images(x, self.device)
+        x0 = to_device_images(x, self.device_)
         x1 = x0
         if not cfg.skip_stage1:
             m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), dvae_loss, x0, yt, cfg.kld_limit1, ckpt, 1)
@@ -460,9 +484,9 @@ class DVAEPurifier(_AutoencoderPurifier):
                 return
             saved = ckpt.stage_output("stage1_images")
             if saved is not None:
-                x1 = saved["x1"].to(self.device)
+                x1 = saved["x1"].to(self.device_)
             else:
-                x1 = _to_u8(_infer(m1, x0, yt, self.accel, lambda o, xb: xb - o["p_hat"]))
+                x1 = _to_u8(_infer(m1, x0, yt, self.accel_, lambda o, xb: xb - o["p_hat"]))
                 ckpt.save_stage_output("stage1_images", {"x1": x1.cpu()})
         del x0
         self._fit_stage("stage2", self._make(2, c, (h, w)), dvae_loss, x1, yt, cfg.kld_limit2, ckpt, 2)
@@ -479,8 +503,8 @@ class DVAEPurifier(_AutoencoderPurifier):
         yy = self._labels(as_labels(y, len(xx)), fitting=False)
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
-        x_u8 = to_device_images(xx, self.device)
-        p = _infer(self.models_[stage], x_u8, yy, self.accel, lambda o, xb: o["p_hat"] * 255)
+        x_u8 = to_device_images(xx, self.device_)
+        p = _infer(self.models_[stage], x_u8, yy, self.accel_, lambda o, xb: o["p_hat"] * 255)
         return _nhwc(p.half())
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -488,12 +512,12 @@ class DVAEPurifier(_AutoencoderPurifier):
         cfg = self.config
         yt = self._labels(y, fitting=False)
         t0 = time.perf_counter()
-        x0 = to_device_images(x, self.device)
+        x0 = to_device_images(x, self.device_)
         self.stages_, self.extras_ = {}, {}
         psnrs: dict[str, float] = {}
         x1 = x0
         if "stage1" in self.models_:
-            p1 = _infer(self.models_["stage1"], x0, yt, self.accel, lambda o, xb: o["p_hat"])
+            p1 = _infer(self.models_["stage1"], x0, yt, self.accel_, lambda o, xb: o["p_hat"])
             x1 = _to_u8(x0.float() / 255 - p1)
             self.extras_["p_hat"] = _nhwc((p1 * 255).half())
             del p1
@@ -502,16 +526,16 @@ class DVAEPurifier(_AutoencoderPurifier):
         m2 = self.models_["stage2"]
         x2 = x1
         if cfg.stage2_subtract:
-            x2 = _to_u8(_infer(m2, x1, yt, self.accel, lambda o, xb: xb - o["p_hat"]))
+            x2 = _to_u8(_infer(m2, x1, yt, self.accel_, lambda o, xb: xb - o["p_hat"]))
             self.stages_["after stage 2 subtraction"] = _nhwc(x2)
             psnrs["stage2_x1_x2"] = psnr(x1, x2)
-        x3 = _to_u8(_infer(m2, x2, yt, self.accel, lambda o, xb: o["x_hat"]))
+        x3 = _to_u8(_infer(m2, x2, yt, self.accel_, lambda o, xb: o["x_hat"]))
         psnrs["stage2_x2_x3"] = psnr(x2, x3)
         psnrs["total_x0_x3"] = psnr(x0, x3)
         self.info_ = {"psnr_db": psnrs, "final_losses": self._final_losses(), "config": asdict(cfg),
-                      "accel": self.accel.to_dict(),
+                      "accel": self.accel_.to_dict(),
                       "preset": self.params.get("preset"), "p_hat_units": "0..255 pixel units (float16 NHWC)",
-                      "inference_s": time.perf_counter() - t0, "device": str(self.device)}
+                      "inference_s": time.perf_counter() - t0, "device": str(self.device_)}
         return _nhwc(x3)
 
 
@@ -526,21 +550,25 @@ class _ReconstructionPurifier(_AutoencoderPurifier):
     def _limit(self) -> float:
         return 0.0
 
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        check_geometry(image_shape[0], image_shape[1], self.config.downsample)
+
     def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        self._start_fit()
         h, w, c = x.shape[1:]
         check_geometry(h, w, self.config.downsample)
         fp, cfg_json = self._fingerprint(x, None)
         ckpt = Checkpointer(self.checkpoint_dir, fp, cfg_json, self.resume)
-        x0 = to_device_images(x, self.device)
+        x0 = to_device_images(x, self.device_)
         self._fit_stage(self.name, lambda: self._build(c, (h, w)), type(self).loss_fn, x0, None, self._limit(),
                         ckpt, 1)
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         self._check_fitted()
-        x0 = to_device_images(x, self.device)
-        out = _to_u8(_infer(self.models_[self.name], x0, None, self.accel, lambda o, xb: o["x_hat"]))
+        x0 = to_device_images(x, self.device_)
+        out = _to_u8(_infer(self.models_[self.name], x0, None, self.accel_, lambda o, xb: o["x_hat"]))
         self.info_ = {"psnr_db": {"total": psnr(x0, out)}, "final_losses": self._final_losses(),
-                      "config": asdict(self.config), "accel": self.accel.to_dict()}
+                      "config": asdict(self.config), "accel": self.accel_.to_dict()}
         return _nhwc(out)
 
 
