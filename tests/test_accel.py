@@ -27,9 +27,12 @@ from unpoison.train import TrainConfig, train_classifier
 from unpoison.utils import psnr
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One thread: CPU runs are bit-reproducible, so each test sees exactly the gap measured for it."""
+    """One thread: CPU runs are bit-reproducible, so each test sees exactly the gap measured for it.
+
+    Module scope on purpose: the module-scoped references below must run under it too (a function-scoped
+    autouse fixture is set up after them, so CI's many-core reference differed from the one-thread run)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
