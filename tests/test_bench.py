@@ -257,7 +257,7 @@ TINY = "synthetic:n=48,size=8,channels=3,classes=4,seed=0"
 
 def test_every_kind_runs_in_worker_processes(tmp_path: Path) -> None:
     """One grid with a cell of each data kind, run by the local executor in two spawned worker processes."""
-    cfg = {"name": "kinds", "axes": {"dataset": [TINY], "kind": ["purify", "disentangle", "detect", "partial",
+    cfg = {"name": "kinds", "axes": {"dataset": [TINY], "kind": ["purify", "disentangle-check", "detect", "partial",
                                                                   "amplify"],
                                      "attack": ["lsp"], "defense": ["dvae"], "ratio": [0.5], "model": ["tinycnn"]},
            "train": {"preset": "smoke", "epochs": 1}, "defense_params": {"dvae": {"preset": "cpu", "epochs": 1}}}
@@ -273,7 +273,18 @@ def test_every_kind_runs_in_worker_processes(tmp_path: Path) -> None:
     assert counts["done"] == 5 and counts["failed"] == 0, {k: r["error"] for k, r in recs.items()}
     res = {k: r["results"] for k, r in recs.items()}
     assert 0 <= res["purify"]["final_acc"] <= 100 and res["purify"]["psnr"] > 5
-    assert {"acc_clean_train", "acc_clean_test", "acc_poisoned_train"} <= set(res["disentangle"])
+    assert {"acc_clean_train", "acc_clean_test", "acc_poisoned_train"} <= set(res["disentangle-check"])
+    # purifying cells measure every stage against the clean images they poisoned themselves
+    for k in ("purify", "disentangle-check"):
+        rep = res[k]["disentangle"]
+        assert list(rep["all"]["stages"]) == ["input", "after stage 1", "after stage 2 subtraction", "output"]
+        # the grid's ratio 0.5 poisons half: corr is defined on those 24, and they get their own block
+        assert rep["all"]["p_hat"]["corr"]["n"] == 24 and rep["subset"]["n"] == 24
+        assert res[k]["stage1_corr"] == rep["all"]["p_hat"]["corr"]["mean"]
+        assert res[k]["stage1_energy_removed"] == rep["all"]["p_hat"]["energy_removed"]
+        assert (out / "cells" / recs[k]["cell_id"] / "residual.png").exists()
+    # partial poisoning (ratio 0.5): the poisoned half measured on its own
+    assert res["partial"]["disentangle"]["subset"]["n"] == 24 and res["partial"]["disentangle"]["poisoned"]["partial"]
     assert res["detect"]["n_poisoned"] == 24 and 0 <= res["detect"]["recall"] <= 1  # ratio 0.5 of 48
     assert res["partial"]["detect_first"] is True and 0 <= res["partial"]["n_purified"] <= 48
     assert res["amplify"]["n_poisoned"] == 24 and "acc_small_poison_only" in res["amplify"]
@@ -281,7 +292,7 @@ def test_every_kind_runs_in_worker_processes(tmp_path: Path) -> None:
     assert os.getpid() not in pids and 1 <= len(pids) <= 2  # ran in the workers, not in this process
     assert main(["report", str(out)]) == 0
     csvs = {p.name.split("-")[0] for p in (out / "report" / "tables").glob("*.csv")}
-    assert {"table1", "table7", "table8", "amplify"} <= csvs
+    assert {"table1", "table7", "table8", "amplify", "disentangle", "stage1", "stages"} <= csvs
 
 
 def _npz_dataset(path: Path, seed: int) -> None:
@@ -414,3 +425,48 @@ def test_report_escapes_user_names_and_builds_safe_file_names(tmp_path: Path) ->
     assert paper_value({**base, "defense": {"name": "dvae", "params": {"stage2_subtract": False}}}) == 90.63
     assert dvae_variant({"skip_stage1": True, "stage2_subtract": False}) is None
     assert paper_value({**base, "attack": {"name": "lsp", "eps": 2.0}, "defense": {"name": "avatar"}}) == 41.70
+
+
+def test_ablation_report_shows_stage1_and_where_each_defense_wins(tmp_path: Path) -> None:
+    """The ablation layout from a store with known numbers: the cells, the means, the best row, the note."""
+    from unpoison.disentangle import headline, purification_report
+
+    cfg = load_config("ablation", "smoke")
+    cells = expand(cfg)
+    acc = {"w/o": {"none": 90, "lsp": 20, "ops": 85, "em": 30, "tap": 75},  # ops drops 5: not effective
+           "D-VAE": {"none": 89, "lsp": 88, "ops": 80, "em": 85, "tap": 86},
+           "BDR-2": {"none": 89.5, "lsp": 89, "ops": 70, "em": 87, "tap": 80}}
+    x_clean = np.full((4, 2, 2, 1), 100, np.uint8)
+    x0 = x_clean.copy()
+    x0[:, 0, 0, 0] = 110
+    p_hat = np.zeros((4, 2, 2, 1), np.float32)
+    p_hat[:, 0, 0, 0] = 5.0
+    p_hat[:, 1, 1, 0] = 1.0
+    rep = purification_report(x_clean, x0, x_clean, p_hat=p_hat)
+    store = Store.create_or_open(tmp_path, fingerprint(cells), cells, cfg)
+    for c in cells:
+        d, a = c.config["defense"]["label"], c.config["attack"]["label"]
+        res: dict = {"final_acc": acc.get(d, {}).get(a, 50.0), "psnr": 20.0}
+        if d == "D-VAE" and a != "none":
+            res.update(stage1_corr=0.8, stage1_energy_removed=0.6)
+        if d == "D-VAE" and a == "lsp":
+            res.update(disentangle=rep, **{k: v for k, v in headline(rep).items() if k.startswith("poison")})
+        store.record(c.key, {"status": "done", "results": res, "timings": {"total": 1.0}})
+    store.close()
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| D-VAE | 89.00 | 88.00 \\[r 0.80, E 60%\\] | 80.00 \\[r 0.80, E 60%\\] |" in md
+    assert "| 84.75 | 86.33 |" in md  # mean over the 4 poisons; over the effective ones (lsp, em, tap)
+    assert "| BDR-2 | 89.50 | 89.00 | 70.00 | 87.00 | 80.00 | 81.50 | 85.33 |" in md
+    assert "| best | BDR-2 | BDR-2 | D-VAE | BDR-2 | D-VAE |" in md
+    assert "effective poisons (w/o defense, \\>= 10 points below the clean set): lsp, em, tap." in md
+    assert "BDR-2 on none, lsp, em; D-VAE on ops, tap" in md
+    assert "D-VAE 1.00" in md and "BDR-2 0.50" in md and "D-VAE: points below clean on the effective poisons: " \
+        "lsp 2.00, em 5.00, tap 4.00." in md
+    # the measured cell's stage-1 row: corr of (5, 0, 0, 1) with (10, 0, 0, 0) per image, energy 1 - 26/100
+    corr = float(np.corrcoef([5, 0, 0, 1], [10, 0, 0, 0])[0, 1])
+    (stage1,) = (tmp_path / "report" / "tables").glob("stage1-*.csv")
+    line = next(ln for ln in stage1.read_text().splitlines() if ln.startswith("lsp,D-VAE,all,4,"))
+    assert line.startswith(f"lsp,D-VAE,all,4,{corr:.3f},") and ",74.0%," in line
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Ablation: does stage 1 earn its cost?" in page and "88.00 [r 0.80, E 60%]" in page

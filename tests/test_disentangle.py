@@ -112,3 +112,58 @@ def test_residual_grid(tmp_path) -> None:
     assert rows["p - p_hat"][0, 0, 0, 0] == 191 and rows["p (true)"][0, 1, 1, 0] == 127
     out = save_residual_grid(p, p_hat, tmp_path / "grid.png", n=2)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_problem_and_poisoned_indices() -> None:
+    from unpoison.disentangle import poisoned_indices, reference_problem
+
+    x = np.zeros((4, 2, 2, 1), np.uint8)
+    y = np.array([0, 1, 0, 1])
+    assert reference_problem(x, y, x.copy(), y.copy()) is None
+    assert "3 images, the input's has 4" in reference_problem(x[:3], y[:3], x, y)
+    assert "2x2x1, the input's are 2x1x1" in reference_problem(x, y, x[:, :, :1], y)
+    y2 = y.copy()
+    y2[2] = 1
+    assert "at 1 of 4 images (first at index 2: 0 vs 1)" in reference_problem(x, y, x, y2)
+    x0 = x.copy()
+    x0[1, 1, 0, 0] = 3
+    x0[3, 0, 1, 0] = 1
+    assert poisoned_indices(x, x0).tolist() == [1, 3]
+
+
+def test_purification_report_subset_headline_and_markdown() -> None:
+    from unpoison.disentangle import headline, purification_report, report_markdown
+
+    x_clean = np.full((4, 1, 2, 1), 100, np.uint8)
+    x0 = x_clean.copy()
+    x0[[0, 2], 0, 0, 0] = 110  # partial: 2 of 4 poisoned
+    p_hat = np.zeros((4, 1, 2, 1), np.float32)
+    p_hat[0, 0, 0, 0] = 10.0  # exact on image 0; image 2 keeps all its poison
+    x_out = x_clean.copy()
+    x_out[2, 0, 0, 0] = 105  # half of image 2's poison left in the output
+    rep = purification_report(x_clean, x0, x_out, {"after stage 1": x0}, p_hat, np.array([0, 1, 0, 1]))
+    assert rep["poisoned"]["partial"] and rep["poisoned"]["n"] == 2 and rep["subset"]["n"] == 2
+    assert list(rep["all"]["stages"]) == ["input", "after stage 1", "output"]
+    assert rep["subset"]["p_hat"]["energy_removed"] == pytest.approx(1 - 100 / 200)
+    assert rep["subset"]["stages"]["output"]["poison_left_share"] == pytest.approx(50 / 200)
+    # PSNR over the subset sees only the poisoned images: lower than over all
+    assert rep["subset"]["stages"]["input"]["psnr_to_clean"] < rep["all"]["stages"]["input"]["psnr_to_clean"]
+    h = headline(rep)
+    assert h["stage1_energy_removed"] == pytest.approx(0.5) and h["poison_left"] == pytest.approx(0.25)
+    assert h["stage1_corr"] == pytest.approx(1.0)  # image 0 exact; image 2's p_hat is constant (left out)
+    md = report_markdown(rep)
+    assert "| subset | output | " in md and "| all | 4 | 1.000 |" in md and "50.0%" in md
+    # given indices override the difference (an attack's own record)
+    rep2 = purification_report(x_clean, x0, x_out, p_hat=p_hat, subset=[0])
+    assert rep2["subset"]["n"] == 1 and rep2["poisoned"]["source"] == "the poisoned indices given"
+    # no p_hat and nothing poisoned: what applies, no subset, None where undefined
+    rep3 = purification_report(x_clean, x_clean, x_out)
+    assert "subset" not in rep3 and "p_hat" not in rep3["all"] and headline(rep3)["poison_left"] is None
+
+
+def test_residual_grid_without_p_hat_and_with_left_rows() -> None:
+    p = np.zeros((2, 2, 2, 1), np.float32)
+    p[:, 0, 0, 0] = 4.0
+    rows = residual_grid_rows(p, None, n=2, left={"output - clean": p / 4})
+    assert list(rows) == ["p (true)", "output - clean"]
+    assert rows["output - clean"][0, 0, 0, 0] == int(127.5 + 127 / 4 * 1.0)  # the same gain as p's row

@@ -7,7 +7,10 @@ data whose clean version is known, so the true perturbation is ``p = x0 - x_clea
 
 Conventions: images are uint8 NHWC; ``p`` and ``p_hat`` are float arrays in grey levels (0..255
 pixel units, the purifiers' convention: ``x0 - p_hat`` is directly comparable with uint8 images).
-Pure numpy, no I/O apart from :func:`save_residual_grid`; every result is JSON-able.
+Pure numpy, no I/O apart from :func:`save_residual_grid`, and no training apart from
+:func:`table1_check` (the paper's Table 1 check trains a classifier); every result is JSON-able.
+The purify command (``--reference CLEAN``) and the benchmark's ``purify`` and ``disentangle-check``
+cells all measure through :func:`purification_report`, so the numbers mean the same everywhere.
 
 Metrics (per image unless said otherwise):
 
@@ -20,6 +23,9 @@ Metrics (per image unless said otherwise):
 - ``psnr_to_clean``: PSNR (dB) of a stage's output to the clean images (whole batch).
 - ``class_corr``: per class, the correlation of the class mean of ``p_hat`` with the class mean of
   ``p`` (does stage 1 find the class-wise component?).
+- Table 1 (:func:`table1_check`): a classifier trained on ``clean + p_hat`` is scored on the clean
+  training images (T), the clean test images (D) and the poisoned images (P). If ``p_hat`` is the
+  poison, D is low and P high.
 """
 
 from __future__ import annotations
@@ -42,6 +48,13 @@ __all__ = [
     "report_rows",
     "residual_grid_rows",
     "save_residual_grid",
+    "poisoned_indices",
+    "reference_problem",
+    "purification_report",
+    "headline",
+    "report_markdown",
+    "add_perturbation",
+    "table1_check",
 ]
 
 
@@ -198,15 +211,17 @@ def report_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def residual_grid_rows(p: np.ndarray, p_hat: np.ndarray, n: int = 8,
-                       x0: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def residual_grid_rows(p: np.ndarray, p_hat: np.ndarray | None, n: int = 8, x0: np.ndarray | None = None,
+                       left: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """uint8 rows ``p``, ``p_hat``, ``p - p_hat`` (around mid-grey, one shared gain so they compare).
 
     The gain maps the largest |p| of the shown images to the full range; ``x0`` (optional) is put first.
+    ``p_hat`` None (a purifier without one): the ``p`` row only. ``left``: named residuals to the clean
+    images (e.g. ``{"output - clean": ...}``: poison left plus damage), added as rows at the same gain.
     """
     from .viz import residual_image
 
-    p, q = np.asarray(p, dtype=np.float32)[:n], np.asarray(p_hat, dtype=np.float32)[:n]
+    p = np.asarray(p, dtype=np.float32)[:n]
     m = float(np.abs(p).max()) if p.size else 0.0
     gain = 127.0 / m if m > 0 else 1.0
     zero = np.zeros_like(p)
@@ -214,14 +229,180 @@ def residual_grid_rows(p: np.ndarray, p_hat: np.ndarray, n: int = 8,
     if x0 is not None:
         rows["poisoned x0"] = np.asarray(x0)[:n]
     rows["p (true)"] = residual_image(p, zero, gain)
-    rows["p_hat (stage 1)"] = residual_image(q, zero, gain)
-    rows["p - p_hat"] = residual_image(p, q, gain)
+    if p_hat is not None:
+        q = np.asarray(p_hat, dtype=np.float32)[:n]
+        rows["p_hat (stage 1)"] = residual_image(q, zero, gain)
+        rows["p - p_hat"] = residual_image(p, q, gain)
+    for name, r in (left or {}).items():
+        rows[name] = residual_image(np.asarray(r, dtype=np.float32)[:n], zero, gain)
     return rows
 
 
-def save_residual_grid(p: np.ndarray, p_hat: np.ndarray, path: str | Path, n: int = 8,
-                       x0: np.ndarray | None = None, title: str | None = None) -> Path:
+def save_residual_grid(p: np.ndarray, p_hat: np.ndarray | None, path: str | Path, n: int = 8,
+                       x0: np.ndarray | None = None, title: str | None = None,
+                       left: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write the :func:`residual_grid_rows` grid as a PNG (atomically, via :func:`unpoison.viz.save_image_grid`)."""
     from .viz import save_image_grid
 
-    return save_image_grid(residual_grid_rows(p, p_hat, n, x0), path, n=n, title=title)
+    return save_image_grid(residual_grid_rows(p, p_hat, n, x0, left), path, n=n, title=title)
+
+
+# --- one purification run against its clean images ------------------------------------------------------
+def poisoned_indices(x_clean: np.ndarray, x0: np.ndarray) -> np.ndarray:
+    """Indices of the images of ``x0`` that differ from ``x_clean`` anywhere (the poisoned ones, as stored)."""
+    a, b = np.asarray(x_clean), np.asarray(x0)
+    return np.flatnonzero((a != b).reshape(len(a), -1).any(1))
+
+
+def reference_problem(x_clean: np.ndarray, y_clean: np.ndarray, x0: np.ndarray, y0: np.ndarray) -> str | None:
+    """Why ``(x_clean, y_clean)`` cannot be the clean version of ``(x0, y0)``, in one phrase, or None.
+
+    The same count, image shape and labels, in the same order: a metric against the wrong images would be
+    a number, not an error, so this is checked before anything is measured.
+    """
+    if len(x_clean) != len(x0):
+        return f"its training split has {len(x_clean)} images, the input's has {len(x0)}"
+    if np.shape(x_clean)[1:] != np.shape(x0)[1:]:
+        return (f"its training images are {'x'.join(map(str, np.shape(x_clean)[1:]))}, the input's are "
+                f"{'x'.join(map(str, np.shape(x0)[1:]))}")
+    ya, yb = np.asarray(y_clean).astype(np.int64), np.asarray(y0).astype(np.int64)
+    if len(ya) != len(yb):
+        return f"it has {len(ya)} training labels, the input has {len(yb)}"
+    bad = np.flatnonzero(ya != yb)
+    if len(bad):
+        return (f"its training labels differ from the input's at {len(bad)} of {len(ya)} images (first at index "
+                f"{int(bad[0])}: {int(ya[bad[0]])} vs {int(yb[bad[0]])})")
+    return None
+
+
+def purification_report(x_clean: np.ndarray, x0: np.ndarray, x_out: np.ndarray,
+                        stages: Mapping[str, np.ndarray] | None = None, p_hat: np.ndarray | None = None,
+                        y: np.ndarray | None = None, subset: Sequence[int] | np.ndarray | None = None
+                        ) -> dict[str, Any]:
+    """:func:`disentangle_report` of a whole purification: stages ``input``, the purifier's ``stages_``,
+    ``output``. ``subset`` None: the images that differ from ``x_clean``, when that is some but not all of
+    them (partial poisoning); give the attack's indices when they are known."""
+    named = {"input": x0, **{k: v for k, v in (stages or {}).items() if k not in ("input", "output")},
+             "output": x_out}
+    differ = poisoned_indices(x_clean, x0)
+    source = "the images that differ from the clean ones"
+    if subset is None:
+        subset = differ
+    else:
+        source = "the poisoned indices given"
+    idx = np.asarray(subset, dtype=np.int64)
+    partial = 0 < len(idx) < len(x0)
+    rep = disentangle_report(x_clean, x0, p_hat, named, y, idx if partial else None)
+    rep["poisoned"] = {"n": int(len(idx)), "of": int(len(x0)), "n_differ": int(len(differ)), "source": source,
+                       "partial": bool(partial)}
+    return rep
+
+
+def _nan_to_none(v: Any) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def headline(report: Mapping[str, Any], block: str = "all") -> dict[str, float | None]:
+    """The numbers a table shows per run, flat (None where undefined, e.g. no poison or no ``p_hat``):
+    stage 1's ``corr`` (mean, quartiles), ``energy_removed``, mean class-mean corr, ``p_hat``/``p`` l2, and at
+    the output the poison left (share) and the PSNR to the clean images."""
+    b = report.get(block) or {}
+    out: dict[str, float | None] = {"p_l2": _nan_to_none((b.get("p_l2") or {}).get("mean"))}
+    ph = b.get("p_hat")
+    if ph:
+        cc = [v for v in (ph.get("class_corr") or {}).values() if v is not None and np.isfinite(v)]
+        out.update(stage1_corr=_nan_to_none(ph["corr"]["mean"]), stage1_corr_q25=_nan_to_none(ph["corr"]["q25"]),
+                   stage1_corr_median=_nan_to_none(ph["corr"]["median"]),
+                   stage1_corr_q75=_nan_to_none(ph["corr"]["q75"]),
+                   stage1_energy_removed=_nan_to_none(ph["energy_removed"]),
+                   stage1_class_corr=float(np.mean(cc)) if cc else None,
+                   p_hat_l2=_nan_to_none(ph["p_hat_l2"]["mean"]))
+    st = b.get("stages") or {}
+    if "output" in st:
+        out.update(poison_left=_nan_to_none(st["output"]["poison_left_share"]),
+                   psnr_clean_output=_nan_to_none(st["output"]["psnr_to_clean"]))
+    return out
+
+
+def _f(v: Any, fmt: str = "{:.3f}") -> str:
+    if v is None:
+        return "n/a"
+    v = float(v)
+    if np.isnan(v):
+        return "n/a"
+    if np.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return fmt.format(v)
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """Markdown tables of a :func:`purification_report` (stage 1's ``p_hat`` vs ``p``; every stage vs the clean
+    images), for a report.md; the block ``subset`` (poisoned images only) follows ``all`` when present."""
+    lines: list[str] = []
+    pz = report.get("poisoned") or {}
+    if pz:
+        lines.append(f"{pz['n']} of {pz['of']} training images are poisoned ({pz['source']}); "
+                     f"p and p_hat in grey levels, l2 in [0, 1] pixel units.")
+        lines.append("")
+    blocks = [(k, report[k]) for k in ("all", "subset") if report.get(k)]
+    if any(b.get("p_hat") for _, b in blocks):
+        lines += ["**Stage 1: p_hat against the true perturbation p = x0 - clean**", "",
+                  "| images | n | corr(p_hat, p) mean | q25 | median | q75 | energy removed | share of p in p_hat "
+                  "| class-mean corr (mean / min) | mean l2 of p | mean l2 of p_hat |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, b in blocks:
+            ph = b.get("p_hat")
+            if not ph:
+                continue
+            c = ph["corr"]
+            cc = [v for v in (ph.get("class_corr") or {}).values() if v is not None and np.isfinite(v)]
+            ccs = f"{_f(np.mean(cc))} / {_f(np.min(cc))}" if cc else "n/a"
+            lines.append(f"| {name} | {b['n']} | {_f(c['mean'])} | {_f(c['q25'])} | {_f(c['median'])} | "
+                         f"{_f(c['q75'])} | {_f(ph['energy_removed'], '{:.1%}')} | {_f(ph['share'])} | {ccs} | "
+                         f"{_f(b['p_l2']['mean'])} | {_f(ph['p_hat_l2']['mean'])} |")
+        lines.append("")
+    lines += ["**Every stage against the clean images** (poison left = share of p still in stage - clean: "
+              "1 = all of it, 0 = none)", "",
+              "| images | stage | PSNR to clean (dB) | poison left (share) | corr(stage - clean, p) mean |",
+              "|---|---|---|---|---|"]
+    for name, b in blocks:
+        for stage, s in b["stages"].items():
+            lines.append(f"| {name} | {stage} | {_f(s['psnr_to_clean'], '{:.2f}')} | "
+                         f"{_f(s['poison_left_share'])} | {_f(s['poison_left_corr']['mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_perturbation(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``clip(round(x + p))`` as uint8: clean images carrying a perturbation in grey levels (Table 1's data)."""
+    return np.clip(np.rint(np.asarray(x, dtype=np.float32) + np.asarray(p, dtype=np.float32)), 0, 255
+                   ).astype(np.uint8)
+
+
+def accuracy_on(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy (%) of a trained classifier on uint8 NHWC images ``x`` with labels ``y`` (NaN when empty)."""
+    from .tensors import to_device_images
+    from .train import predict
+
+    if not len(y):
+        return float("nan")
+    dev = next(model.parameters()).device
+    pred = predict(model, to_device_images(x, dev)).cpu().numpy()
+    return float((pred == np.asarray(y)).mean() * 100)
+
+
+def table1_check(x_clean: np.ndarray, y: np.ndarray, p_hat: np.ndarray, x_poisoned: np.ndarray,
+                 x_test: np.ndarray, y_test: np.ndarray, config: Any = None, seed: int = 0, device: Any = "auto",
+                 progress: bool = True, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The paper's Table 1: train a classifier (``config``, a :class:`unpoison.train.TrainConfig`) on
+    ``clean + p_hat`` and score it on the clean training images (T), the clean test images (D) and the
+    poisoned training images (P). ``p_hat`` that is the poison gives a low D and a high P."""
+    from .data import ImageDataset
+    from .train import train_classifier
+
+    x_hat = add_perturbation(x_clean, p_hat)
+    ds = ImageDataset(x_hat, np.asarray(y), x_test, np.asarray(y_test), classes=list(classes or []))
+    res = train_classifier(ds, None, config, seed, device, progress=progress, desc="Table 1: train on clean + p_hat")
+    return {"acc_clean_train": accuracy_on(res.model, x_clean, y), "acc_clean_test": float(res.final_acc),
+            "acc_poisoned_train": accuracy_on(res.model, x_poisoned, y), "best_acc_clean_test": float(res.best_acc),
+            "psnr_clean_plus_p_hat": psnr_to(x_clean, x_hat), "train_config": res.config,
+            "train_time_s": float(res.train_time_s)}

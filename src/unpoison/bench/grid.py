@@ -3,7 +3,7 @@
 A config (a shipped name such as ``table2`` or a YAML path) names *axes*; the grid is their product.
 Each cell is one experiment: ``dataset x attack x defense x model x seed`` (plus any extra axis such
 as ``ratio``), with per-cell parameters. ``kind`` selects the experiment function (``purify`` by
-default; ``detect``, ``disentangle``, ``partial``, ``amplify``, ``theorem2`` for the other tables).
+default; ``detect``, ``disentangle-check``, ``partial``, ``amplify``, ``theorem2`` for the other tables).
 This module only reads and expands configs; :mod:`unpoison.bench.check` validates the cells and
 :mod:`unpoison.bench.run` runs them.
 
@@ -13,7 +13,7 @@ Config shape (every key optional except ``axes``)::
     title: "Table 2: clean test accuracy (%)"
     note: "AVATAR left out: ..."                  # printed under the report's title
     kind: purify
-    table: {rows: attack, cols: defense}         # how the report lays the cells out (layout: efficacy|grid)
+    table: {rows: attack, cols: defense}         # how the report lays the cells out (layout: grid|efficacy|ablation)
     plugins: [my_pkg.my_attacks, ./extra.py]      # Python code: imported only with --allow-plugins
     axes:
       dataset: [cifar10]                          # dataset specs (see unpoison.data.load_dataset)

@@ -10,8 +10,14 @@ it, and changed data or attack code never reuses it. Purifiers that checkpoint g
 ``OUTDIR/cells/<id>/ckpt`` with ``resume=True``: a killed cell continues where it stopped.
 
 ``kind`` selects the experiment (:data:`KINDS`): ``purify`` (Tables 2, 5, 6, 13, Fig. 2/6, attack
-efficacy), ``disentangle`` (Table 1), ``detect`` (Table 7), ``partial`` (Table 8), ``amplify`` (Sec. 5.2),
-``theorem2`` (the numerical check of Theorem 2), and ``train-diffusion`` (a dependency: AVATAR's DDPM).
+efficacy), ``disentangle-check`` (Table 1 and how much poison each stage removed), ``detect`` (Table 7),
+``partial`` (Table 8), ``amplify`` (Sec. 5.2), ``theorem2`` (the numerical check of Theorem 2), and
+``train-diffusion`` (a dependency: AVATAR's DDPM).
+
+A cell poisons clean data itself, so the clean images are always known: every purifying cell measures
+each stage against them (:func:`unpoison.disentangle.purification_report`: stage 1's corr(p_hat, p) and
+poison energy removed, the poison left and the PSNR to the clean images after each stage, on the
+poisoned images alone under partial poisoning) and writes ``residual.png`` (p, p_hat, p - p_hat).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 from .._registry import Registry
 from ..data import ImageDataset, load_dataset
 from ..data.fingerprint import dataset_fingerprint
+from ..disentangle import add_perturbation
 from ..errors import UserError
 from ..utils import Timer, atomic_path, manifest, parse_fraction, psnr, write_json
 from .grid import Cell, import_plugins, short_hash
@@ -213,13 +220,24 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _acc_on(model: Any, x: np.ndarray, y: np.ndarray) -> float:
-    from ..tensors import to_device_images
-    from ..train import predict
+def _measure(ctx: CellContext, x_clean: np.ndarray, x_p: np.ndarray, idx: np.ndarray, pur: Any,
+             x_out: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Every stage of ``pur`` against the clean images (the report's per-stage numbers), and the residual grid
+    (``residual.png``: p, p_hat, p - p_hat, output - clean) of up to 8 poisoned images."""
+    from ..disentangle import headline, purification_report, save_residual_grid, true_perturbation
 
-    dev = next(model.parameters()).device
-    p = predict(model, to_device_images(x, dev)).cpu().numpy()
-    return float((p == y).mean() * 100) if len(y) else float("nan")
+    p_hat = pur.extras_.get("p_hat")
+    with ctx.timer("measure"):
+        rep = purification_report(x_clean, x_p, x_out, pur.stages_, p_hat, y, subset=idx)
+        if len(idx):
+            show = np.sort(np.asarray(idx))[:8]
+            save_residual_grid(true_perturbation(x_clean[show], x_p[show]),
+                               None if p_hat is None else np.asarray(p_hat)[show], ctx.dir / "residual.png",
+                               x0=x_p[show],
+                               left={"output - clean": x_out[show].astype(np.float32) - x_clean[show]},
+                               title=f"{ctx.c['attack']['label']} / {ctx.c['defense']['label']}: p, p_hat, "
+                                     "p - p_hat")
+    return {"disentangle": rep, **headline(rep)}
 
 
 # --- experiment kinds --------------------------------------------------------------------------------------
@@ -247,6 +265,7 @@ def kind_purify(ctx: CellContext) -> dict[str, Any]:
         ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **pur.stages_, "purified": x_train,
                        "residual": residual_image(x_p, x_train)},
                       f"{ctx.c['attack']['label']} / {d['label']}: PSNR {out['psnr']:.2f} dB")
+        out.update(_measure(ctx, ds.x_train, x_p, idx, pur, x_train, ds.y_train))
     elif d["name"] != "none":
         from ..defenses import make_train_defense
 
@@ -282,27 +301,39 @@ def _p_hat(ctx: CellContext, x: np.ndarray, y: np.ndarray, x_apply: np.ndarray |
                             checkpoint_dir=str(ctx.dir / "ckpt" / "stage1"))
 
 
-def _add(x: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x.astype(np.float32) + p_hat), 0, 255).astype(np.uint8)
-
-
-@kind("disentangle", "Table 1: clean + D-VAE's p_hat still poisons (acc on clean train/test, poisoned)",
+@kind("disentangle-check", "Table 1 + per stage: how much poison each stage removed (corr(p_hat, p), energy "
+      "removed, poison left, PSNR to clean); clean + p_hat still poisons (acc on clean train/test, poisoned)",
       defense="stage1")
-def kind_disentangle(ctx: CellContext) -> dict[str, Any]:
-    ds = ctx.data()
-    x_p, idx, ainfo = ctx.poison(ds)
-    p_hat, info = _p_hat(ctx, x_p, ds.y_train)
-    x_hat = _add(ds.x_train, p_hat)
-    res = ctx.train(ds.replace(x_train=x_hat), desc="train on clean + p_hat")
-    out = {"attack_info": ainfo, "stage1_info": info, "final_acc": res.final_acc,
-           "acc_clean_train": _acc_on(res.model, ds.x_train, ds.y_train), "acc_clean_test": res.final_acc,
-           "acc_poisoned_train": _acc_on(res.model, x_p, ds.y_train),
-           "p_hat_l2": float(np.sqrt(((p_hat / 255.0) ** 2).reshape(len(p_hat), -1).sum(1)).mean()),
-           "psnr": psnr(ds.x_train, x_hat)}
+def kind_disentangle_check(ctx: CellContext) -> dict[str, Any]:
+    """Purify (both stages), measure every stage against the clean images, then the paper's Table 1 check: a
+    classifier trained on clean + p_hat, scored on the clean training images T, the clean test images D and the
+    poisoned images P (defense ``none`` means dvae)."""
+    from ..disentangle import table1_check
     from ..viz import residual_image
 
+    ds = ctx.data()
+    x_p, idx, ainfo = ctx.poison(ds)
+    d = ctx.c["defense"]
+    name = d["name"] if d["name"] != "none" else "dvae"
+    pur = ctx.purifier(name, d["params"] if d["name"] != "none" else {})
+    with ctx.timer("purify"):
+        x_out = pur.fit_purify(x_p, ds.y_train)
+    p_hat = pur.extras_.get("p_hat")
+    if p_hat is None:
+        raise UserError(f"defense {name!r} exposes no stage-1 p_hat; the disentangle check needs one (e.g. dvae)")
+    out: dict[str, Any] = {"attack_info": ainfo, "defense_info": pur.info_, "n_poisoned": int(len(idx)),
+                           "psnr": psnr(x_p, x_out), "psnr_clean": psnr(ds.x_train, x_out)}
+    out.update(_measure(ctx, ds.x_train, x_p, idx, pur, x_out, ds.y_train))
+    with ctx.timer("train"):
+        t1 = table1_check(ds.x_train, ds.y_train, p_hat, x_p, ds.x_test, ds.y_test, ctx.train_config(), ctx.seed,
+                          ctx.device, ctx.progress, ds.classes)
+    out.update(t1, final_acc=t1["acc_clean_test"])
+    x_hat = add_perturbation(ds.x_train, p_hat)
+    corr = out.get("stage1_corr")
     ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, "clean + p_hat": x_hat,
-                   "p_hat": residual_image(x_hat, ds.x_train)}, f"{ctx.c['attack']['label']}: disentangled p_hat")
+                   "p_hat": residual_image(x_hat, ds.x_train), **pur.stages_, "purified": x_out},
+                  f"{ctx.c['attack']['label']}: disentangled p_hat, corr(p_hat, p) "
+                  f"{'n/a' if corr is None else f'{corr:.2f}'}")
     return out
 
 
@@ -378,6 +409,11 @@ def kind_partial(ctx: CellContext) -> dict[str, Any]:
             out["defense_info"] = pur.info_
         out["n_purified"] = int(len(sel))
         out["psnr"] = psnr(x_p, x_train)
+    from ..disentangle import headline, purification_report
+
+    with ctx.timer("measure"):  # the whole set against the clean images: poison left, PSNR, poisoned part alone
+        rep = purification_report(ds.x_train, x_p, x_train, y=ds.y_train, subset=idx)
+    out.update({"disentangle": rep, **headline(rep)})
     res = ctx.train(ds.replace(x_train=x_train))
     out.update(final_acc=res.final_acc, best_acc=res.best_acc, per_class_acc=res.per_class_acc)
     return out
@@ -392,7 +428,7 @@ def kind_amplify(ctx: CellContext) -> dict[str, Any]:
     _, info = None, {}
     p_rest, info = _p_hat(ctx, x_p[idx], ds.y_train[idx], x_apply=ds.x_train[rest], y_apply=ds.y_train[rest])
     x_new = x_p.copy()
-    x_new[rest] = _add(ds.x_train[rest], p_rest)
+    x_new[rest] = add_perturbation(ds.x_train[rest], p_rest)
     res = ctx.train(ds.replace(x_train=x_new), desc="train on amplified poison")
     base = ctx.train(ds.replace(x_train=x_p), desc="train on the small poison only")
     return {"attack_info": ainfo, "stage1_info": info, "final_acc": res.final_acc, "best_acc": res.best_acc,
