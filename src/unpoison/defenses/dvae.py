@@ -75,6 +75,8 @@ class DVAEConfig:
     lr: float = 5e-3  # Adam, cosine to 0 over all steps of a stage
     grad_clip: float = 5.0
     kld_weight: float = 0.01  # lambda of Eq. 14
+    kld_weight1: float = 0.0  # stage-1 lambda (0: kld_weight); max(KLD, limit) is a floor, so a limit below
+    # the rate lambda settles at does nothing: the release raises lambda to 0.5 for limits below 0.99
     kld_limit1: float = 1.0  # stage 1
     kld_limit2: float = 3.0  # stage 2
     downsample1: int = 2  # stage-1 latent resolution is H/downsample1
@@ -127,6 +129,8 @@ class DVAEConfig:
         for k in ("lr", "kld_weight"):
             if not getattr(self, k) > 0:
                 raise UserError(f"D-VAE {k} must be > 0, got {getattr(self, k)}")
+        if self.kld_weight1 < 0:
+            raise UserError(f"D-VAE kld_weight1 must be >= 0, got {self.kld_weight1}")
         for k in ("kld_limit1", "kld_limit2", "kld_limit"):
             if getattr(self, k) < 0:
                 raise UserError(f"D-VAE {k} must be >= 0, got {getattr(self, k)}")
@@ -419,7 +423,7 @@ class _AutoencoderPurifier(Purifier):
 
     def _fit_stage(self, stage: str, make: Callable[[], nn.Module], loss_fn: Callable[..., Any],
                    x_u8: torch.Tensor, y: torch.Tensor | None, kld_limit: float, ckpt: Checkpointer,
-                   offset: int) -> nn.Module:
+                   offset: int, kld_weight: float = 0.0) -> nn.Module:
         done = ckpt.stage_output(stage)
         seed_everything(self.seed * 1000 + offset)
         model = make().to(self.device)
@@ -430,7 +434,8 @@ class _AutoencoderPurifier(Purifier):
             self.history_[stage] = list(done["history"])
             model.eval()
         else:
-            cfg = replace(self.config, epochs=self.config.epochs_for(len(x_u8)))
+            cfg = replace(self.config, epochs=self.config.epochs_for(len(x_u8)),
+                          kld_weight=kld_weight or self.config.kld_weight)
             self.history_[stage] = train_autoencoder(
                 model, loss_fn, x_u8, y, cfg, kld_limit, stage, self.seed * 1000 + offset, ckpt,
                 self.progress, self.epoch_callback)
@@ -451,6 +456,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         **_COMMON_PARAMS,
         "kld_limit1": (float, None, "stage-1 KLD limit (paper 1.0; imagenet 1.5)"),
         "kld_limit2": (float, None, "stage-2 KLD limit (paper 3.0)"),
+        "kld_weight1": (float, None, "stage-1 KLD weight lambda; 0: the stage-2 one (paper 0.01)"),
         "downsample1": (int, None, "stage-1 downsampling factor (paper 2; imagenet 8)"),
         "width1": (int, None, "stage-1 width (0: --width; cpu preset 16)"),
         "p_input": (str, None, "what D_p sees besides u_y: class (default), z (paper text), features (release)"),
@@ -493,7 +499,8 @@ class DVAEPurifier(_AutoencoderPurifier):
         x0 = to_device_images(x, self.device)
         x1 = x0
         if not cfg.skip_stage1:
-            m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), self._loss(), x0, yt, cfg.kld_limit1, ckpt, 1)
+            m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), self._loss(), x0, yt, cfg.kld_limit1, ckpt, 1,
+                                 kld_weight=cfg.kld_weight1)
             if stage1_only:
                 return
             saved = ckpt.stage_output("stage1_images")
