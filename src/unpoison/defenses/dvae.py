@@ -15,12 +15,13 @@ arrays are float16 NHWC in 0..255 pixel units (``x0 + p_hat`` is directly compar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ from ..data.fingerprint import content_fingerprint
 from ..errors import NonFiniteError, UserError, check_finite_loss
 from ..models.dvae import (
     DVAE,
+    EMBEDDINGS,
+    LOSS_FORMS,
+    P_INPUTS,
     BottleneckAE,
     RateConstrainedVAE,
     ae_loss,
@@ -50,21 +54,45 @@ from .base import DEFENSES, Purifier, _show
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
+def _coerce(v: Any, typ: type, name: str) -> Any:
+    """``v`` as ``typ``; strings such as ``"false"`` / ``"0"`` are read as booleans, not as truthy text."""
+    if typ is bool and isinstance(v, str):
+        low = v.strip().lower()
+        if low not in ("1", "0", "true", "false", "yes", "no"):
+            raise UserError(f"D-VAE {name} must be true or false, got {v!r}")
+        return low in ("1", "true", "yes")
+    try:
+        return typ(v)
+    except (TypeError, ValueError):
+        raise UserError(f"D-VAE {name} must be a {typ.__name__}, got {v!r}") from None
+
+
 @dataclass
 class DVAEConfig:
     """All purification hyperparameters (paper B.2 + release); presets in :data:`PRESETS`."""
 
     width: int = 64  # encoder width w (features 2w at the latent resolution)
+    width1: int = 0  # stage-1 width (0: ``width``); stage 1's p_hat is as clean as its image branch is good
     latent: int = 256  # latent channels of mu / logvar
     epochs: int = 60  # per stage
+    steps: int = 0  # > 0: size each stage by optimizer steps instead (epochs = ceil(steps / batches per epoch))
     batch_size: int = 128
     lr: float = 5e-3  # Adam, cosine to 0 over all steps of a stage
     grad_clip: float = 5.0
     kld_weight: float = 0.01  # lambda of Eq. 14
+    kld_weight1: float = 0.0  # stage-1 lambda (0: kld_weight); max(KLD, limit) is a floor, so a limit below
+    # the rate lambda settles at does nothing: the release raises lambda to 0.5 for limits below 0.99
     kld_limit1: float = 1.0  # stage 1
     kld_limit2: float = 3.0  # stage 2
     downsample1: int = 2  # stage-1 latent resolution is H/downsample1
     downsample2: int = 2
+    p_input: str = "class"  # what D_p sees besides u_y: class (u_y only), z (paper text), features (release)
+    embedding: str = "spatial"  # u_y: spatial (2w x H/d x W/d per class) or vector (2w, broadcast; release)
+    embed_std: float = 0.0  # initial N(0, std) of u_y; 0 = zeros (the release's nn.Embedding: 1)
+    loss_form: str = "paper"  # Eq. 14's second term: paper (x - x_hat vs p_hat) or release (clamped sum)
+    rec_weight: float = 1.0  # weight of ||x - x_hat||^2 in Eq. 14 (paper: 1)
+    detach_residual: bool = True  # no gradient from Eq. 14's second term into x_hat
+    p_cap: float = 0.0  # > 0: add max(mean(p_hat^2), p_cap) (the release: 0.002); 0 = off
     skip_stage1: bool = False  # ablation (Table 6): purify with stage 2 only
     stage2_subtract: bool = True  # ablation (Table 6): False -> x3 = x_hat(x1)
     kld_limit: float = 1.0  # the plain rate-constrained VAE (``vae``)
@@ -77,39 +105,61 @@ class DVAEConfig:
     def preset(cls, name: str = "paper", **overrides: Any) -> DVAEConfig:
         """The named preset (or ``auto``) with ``overrides`` (None = keep the preset's; unknown = error)."""
         table = DVAE_PRESETS.values(name, overrides)
+        if overrides and overrides.get("epochs") is not None and overrides.get("steps") is None:
+            table["steps"] = 0  # an explicit epoch count wins over a preset's step count
         cfg = cls()
         for k, v in table.items():
-            setattr(cfg, k, type(getattr(cfg, k))(v))
+            setattr(cfg, k, _coerce(v, type(getattr(cfg, k)), k))
         cfg.check()
         return cfg
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs per stage for ``n`` training images: ``epochs``, or enough to reach ``steps`` when set."""
+        if self.steps <= 0:
+            return self.epochs
+        return max(1, math.ceil(self.steps / max(1, math.ceil(n / self.batch_size))))
 
     def check(self) -> None:
         for k, hi in (("width", 4096), ("latent", 65536), ("epochs", 10**6), ("batch_size", 2**20),
                       ("bottleneck", 65536), ("downsample1", 1024), ("downsample2", 1024), ("downsample", 1024)):
             if not 1 <= getattr(self, k) <= hi:
                 raise UserError(f"D-VAE {k} must be in [1, {hi}], got {getattr(self, k)}")
-        if self.infer_batch < 0:
-            raise UserError(f"D-VAE infer_batch must be >= 0, got {self.infer_batch}")
+        for k, hi in (("width1", 4096), ("steps", 10**9), ("infer_batch", 2**31)):
+            if not 0 <= getattr(self, k) <= hi:
+                raise UserError(f"D-VAE {k} must be in [0, {hi}], got {getattr(self, k)}")
         # finite first: `lr inf` once trained an all-zero "purified" set, and `nan < 0` is False
-        for k in ("lr", "kld_weight", "grad_clip", "kld_limit1", "kld_limit2", "kld_limit"):
+        for k in ("lr", "kld_weight", "kld_weight1", "grad_clip", "kld_limit1", "kld_limit2", "kld_limit",
+                  "embed_std", "p_cap", "rec_weight"):
             if not math.isfinite(getattr(self, k)):
                 raise UserError(f"D-VAE {k} must be a finite number, got {getattr(self, k)}")
         for k in ("lr", "kld_weight", "grad_clip"):
             if not getattr(self, k) > 0:
                 raise UserError(f"D-VAE {k} must be > 0, got {getattr(self, k)}")
+        if self.kld_weight1 < 0:
+            raise UserError(f"D-VAE kld_weight1 must be >= 0, got {self.kld_weight1}")
         for k in ("kld_limit1", "kld_limit2", "kld_limit"):
             if getattr(self, k) < 0:
                 raise UserError(f"D-VAE {k} must be >= 0, got {getattr(self, k)}")
+        if self.p_input not in P_INPUTS:
+            raise UserError(f"p_input must be one of {', '.join(P_INPUTS)}, got {self.p_input!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise UserError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {self.embedding!r}")
+        if self.loss_form not in LOSS_FORMS:
+            raise UserError(f"loss_form must be one of {', '.join(LOSS_FORMS)}, got {self.loss_form!r}")
+        if self.embed_std < 0 or self.p_cap < 0:
+            raise UserError("embed_std and p_cap must be >= 0")
         if self.compile not in ("auto", "yes", "no"):
             raise UserError(f"compile must be auto, yes or no, got {self.compile!r}")
 
 
-#: the presets, in one place. ``cpu``: sized so 10,000 Fashion-MNIST images purify in <= 4 minutes
-#: on 2 CPU cores (docs/results/purify_speed.md) while the demo's LSP target still holds.
+#: the presets, in one place. ``cpu``: sized by optimizer steps (700 per stage, rounded up to whole
+#: epochs), so 3,000 and 60,000 images both get a trained model; stage 1 twice as wide as stage 2, since
+#: its p_hat is only as clean as its image branch is good (docs/results/disentangle.md); 10,000
+#: Fashion-MNIST images purify in about 5 CPU-minutes (one thread).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "imagenet": {"downsample1": 8, "kld_limit1": 1.5, "epochs": 20},
-    "cpu": {"width": 8, "latent": 32, "epochs": 6, "batch_size": 64},
+    "cpu": {"width": 8, "width1": 16, "latent": 32, "steps": 700, "batch_size": 64},
 }
 
 DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(f.name for f in fields(DVAEConfig)),
@@ -120,6 +170,7 @@ _COMMON_PARAMS: dict[str, tuple[type, Any, str]] = {
     "width": (int, None, "auto-encoder width w (default: the preset's)"),
     "latent": (int, None, "latent channels (default: the preset's)"),
     "epochs": (int, None, "training epochs per stage (default: the preset's)"),
+    "steps": (int, None, "optimizer steps per stage, rounded up to whole epochs; overrides epochs (cpu preset)"),
     "batch_size": (int, None, "training batch size (default: the preset's)"),
     "lr": (float, None, "Adam learning rate (default: the preset's)"),
 }
@@ -409,7 +460,7 @@ class _AutoencoderPurifier(Purifier):
 
     def _fit_stage(self, stage: str, make: Callable[[], nn.Module], loss_fn: Callable[..., Any],
                    x_u8: torch.Tensor, y: torch.Tensor | None, kld_limit: float, ckpt: Checkpointer,
-                   offset: int) -> nn.Module:
+                   offset: int, kld_weight: float = 0.0) -> nn.Module:
         done = ckpt.stage_output(stage)
         with rng_scope(self.seed * 1000 + offset, self.device_):  # weight init; training draws use a generator
             model = make().to(self.device_, memory_format=self.accel_.memory_format)
@@ -420,8 +471,10 @@ class _AutoencoderPurifier(Purifier):
             if self.accel_.compile:
                 compile_stacks(model)
         else:
+            cfg = replace(self.config, epochs=self.config.epochs_for(len(x_u8)),
+                          kld_weight=kld_weight or self.config.kld_weight)
             self.history_[stage] = train_autoencoder(
-                model, loss_fn, x_u8, y, self.config, kld_limit, stage, self.seed * 1000 + offset, ckpt,
+                model, loss_fn, x_u8, y, cfg, kld_limit, stage, self.seed * 1000 + offset, ckpt,
                 self.progress, self.epoch_callback, self.accel_)
             ckpt.save_stage_output(stage, {"model": model.state_dict(), "history": self.history_[stage]})
         self.models_[stage] = model
@@ -440,7 +493,10 @@ class DVAEPurifier(_AutoencoderPurifier):
         **_COMMON_PARAMS,
         "kld_limit1": (float, None, "stage-1 KLD limit (paper 1.0; imagenet 1.5)"),
         "kld_limit2": (float, None, "stage-2 KLD limit (paper 3.0)"),
+        "kld_weight1": (float, None, "stage-1 KLD weight lambda; 0: the stage-2 one (paper 0.01)"),
         "downsample1": (int, None, "stage-1 downsampling factor (paper 2; imagenet 8)"),
+        "width1": (int, None, "stage-1 width (0: --width; cpu preset 16)"),
+        "p_input": (str, None, "what D_p sees besides u_y: class (default), z (paper text), features (release)"),
         "skip_stage1": (bool, None, "ablation: stage 2 only"),
         "stage2_subtract": (bool, None, "ablation: false -> x3 = x_hat(x1), no subtraction in stage 2"),
     }
@@ -452,8 +508,16 @@ class DVAEPurifier(_AutoencoderPurifier):
         check_geometry(h, w, self.config.downsample2)
 
     def _make(self, stage: int, c: int, hw: tuple[int, int]) -> Callable[[], nn.Module]:
-        d = self.config.downsample1 if stage == 1 else self.config.downsample2
-        return lambda: DVAE(c, hw, self.num_classes_, self.config.width, self.config.latent, d)
+        cfg = self.config
+        d = cfg.downsample1 if stage == 1 else cfg.downsample2
+        width = (cfg.width1 or cfg.width) if stage == 1 else cfg.width
+        return lambda: DVAE(c, hw, self.num_classes_, width, cfg.latent, d, p_input=cfg.p_input,
+                            embedding=cfg.embedding, embed_std=cfg.embed_std)
+
+    def _loss(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        cfg = self.config
+        return functools.partial(dvae_loss, form=cfg.loss_form, p_cap=cfg.p_cap or None,
+                                 rec_weight=cfg.rec_weight, detach_residual=cfg.detach_residual)
 
     def fit_stage1(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> DVAEPurifier:
         """Fit stage 1 only: detection needs stage 1's ``p_hat``, at half the cost of a full fit."""
@@ -479,7 +543,8 @@ class DVAEPurifier(_AutoencoderPurifier):
         x0 = to_device_images(x, self.device_)
         x1 = x0
         if not cfg.skip_stage1:
-            m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), dvae_loss, x0, yt, cfg.kld_limit1, ckpt, 1)
+            m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), self._loss(), x0, yt, cfg.kld_limit1, ckpt, 1,
+                                 kld_weight=cfg.kld_weight1)
             if stage1_only:
                 return
             saved = ckpt.stage_output("stage1_images")
@@ -489,7 +554,7 @@ class DVAEPurifier(_AutoencoderPurifier):
                 x1 = _to_u8(_infer(m1, x0, yt, self.accel_, lambda o, xb: xb - o["p_hat"]))
                 ckpt.save_stage_output("stage1_images", {"x1": x1.cpu()})
         del x0
-        self._fit_stage("stage2", self._make(2, c, (h, w)), dvae_loss, x1, yt, cfg.kld_limit2, ckpt, 2)
+        self._fit_stage("stage2", self._make(2, c, (h, w)), self._loss(), x1, yt, cfg.kld_limit2, ckpt, 2)
 
     def estimate_perturbation(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
                               stage: str = "stage1") -> np.ndarray:
