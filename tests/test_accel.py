@@ -98,18 +98,21 @@ def dvae_reference() -> tuple[np.ndarray, dict[str, list[float]]]:
     return out, hist
 
 
-# measured max over seeds 0-5 (stage-1 gap / stage-2 gap / lowest PSNR of the output vs fp32, dB):
-#   bf16           6.6e-3 / 1.5e-2 / 24.9     -> tolerances 2e-2 / 5e-2 / 18
-#   fused_adam     6.0e-8 / 8.5e-4 / 54.7     -> 1e-6 / 3e-3 / 40
-#   channels_last  1.2e-3 / 1.7e-2 / 31.1     -> 5e-3 / 5e-2 / 24
-#   infer_batch=7  0      / 6.3e-4 / 44.5     -> 0    / 2e-3 / 35
+# measured max over seeds 0-5 (stage-1 gap / stage-2 gap / lowest PSNR of the output vs fp32, dB), with the
+# class-only D_p and detach_residual defaults (re-measured after that model change; scratch script, not kept):
+#   bf16           5.9e-2 / 1.6e-1 / 20.0     -> tolerances 0.15 / 0.4 / 16
+#   fused_adam     2.0e-7 / 2.6e-7 / 79.5     -> 1e-6 / 3e-3 / 40
+#   channels_last  1.5e-3 / 2.0e-2 / 27.6     -> 5e-3 / 5e-2 / 22
+#   infer_batch=7  0      / 1.1e-3 / 48.7     -> 0    / 4e-3 / 35
 # Stage 2 trains on stage 1's output rounded to uint8, so any change there is amplified: a different
-# inference batch alone (same weights) moves a few pixels of x1 by one grey level.
+# inference batch alone (same weights) moves a few pixels of x1 by one grey level. bf16's gaps are the
+# largest (8 mantissa bits through two short chaotic trainings); the bounds still fail a run that diverges
+# or learns nothing (a 2x loss, a non-finite value, an output at noise level).
 DVAE_CASES = {
-    "bf16": (Accel(bf16=True), 2e-2, 5e-2, 18.0),
+    "bf16": (Accel(bf16=True), 0.15, 0.4, 16.0),
     "fused_adam": (Accel(fused_adam=True), 1e-6, 3e-3, 40.0),
-    "channels_last": (Accel(channels_last=True), 5e-3, 5e-2, 24.0),
-    "infer_batch": (Accel(infer_batch=7), 0.0, 2e-3, 35.0),
+    "channels_last": (Accel(channels_last=True), 5e-3, 5e-2, 22.0),
+    "infer_batch": (Accel(infer_batch=7), 0.0, 4e-3, 35.0),
 }
 
 
@@ -130,13 +133,13 @@ def test_dvae_switch_tracks_fp32(case: str, dvae_reference) -> None:
 def test_dvae_channels_last_at_paper_width() -> None:
     """Width 64 (the paper's) in channels_last, which CUDA uses and CPU's default avoids (slower there).
 
-    Measured over seeds 0-5 (32 8x8 images, two steps a stage): stage-1 gap <= 5.2e-5, stage-2 gap
-    <= 2.6e-2; tolerances 2e-4 and 8e-2."""
+    Measured over seeds 0-5 (32 8x8 images, two steps a stage; class-only D_p): stage-1 gap <= 9.5e-4, stage-2
+    gap <= 8.5e-3; tolerances 3e-3 and 8e-2."""
     ref_out, ref_hist, _ = dvae_run(Accel.off(), width=64, n=32, size=8, epochs=1, batch=16)
     out, hist, pur = dvae_run(Accel(channels_last=True), width=64, n=32, size=8, epochs=1, batch=16)
     assert pur.models_["stage1"].encoder.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert finite(hist["stage1"] + hist["stage2"])
-    assert rel_gap(hist["stage1"], ref_hist["stage1"]) <= 2e-4
+    assert rel_gap(hist["stage1"], ref_hist["stage1"]) <= 3e-3
     assert rel_gap(hist["stage2"], ref_hist["stage2"]) <= 8e-2
 
 
@@ -145,10 +148,10 @@ def test_dvae_torch_compile_with_bf16_tracks_fp32(dvae_reference) -> None:
     """``torch.compile`` of the conv stacks under bf16 autocast, as CUDA runs them (inductor generates C++ on
     CPU, Triton on CUDA), two stages; then the compiled stacks against the same weights run eagerly.
 
-    Measured (seeds 0-5), against the fp32 eager run: stage-1 gap <= 4.5e-3, stage-2 gap <= 3.5e-2, output
-    PSNR >= 26.2 dB (bf16 dominates: eager bf16 alone gives the same size); compiled vs eager bf16 inference
-    of one model, ``x_hat`` in [0, 1]: max diff <= 0.0117, mean <= 0.0013. Tolerances 1.5e-2, 0.1, 20 dB,
-    0.04, 0.004. Cold, inductor compiles six graphs with gcc (about 65 s of CPU on this machine); scalar code
+    Against the fp32 eager run bf16 dominates (eager bf16 alone gives gaps of the same size), so the loss and
+    PSNR bounds are bf16's (``DVAE_CASES``, measured over seeds 0-5 with the class-only D_p). Compiled vs eager
+    bf16 inference of one model, ``x_hat`` in [0, 1], measured with the earlier model: max diff <= 0.0117,
+    mean <= 0.0013; tolerances 0.04, 0.004. Cold, inductor compiles six graphs with gcc (about 65 s of CPU on this machine); scalar code
     (``vec_isa_ok=False``) halves that without changing what is tested (the GPU runs Triton). Warm (inductor's
     on-disk cache) the test takes about 12 s. channels_last and fused Adam are tested eagerly above.
     """
@@ -180,9 +183,9 @@ def test_dvae_torch_compile_with_bf16_tracks_fp32(dvae_reference) -> None:
     # three stacks, each a training and an eval graph (stage 2 reuses stage 1's)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 6
     assert finite(hist["stage1"] + hist["stage2"])
-    assert rel_gap(hist["stage1"], ref_hist["stage1"]) <= 1.5e-2
-    assert rel_gap(hist["stage2"], ref_hist["stage2"]) <= 0.1
-    assert psnr(out, ref_out) >= 20.0
+    assert rel_gap(hist["stage1"], ref_hist["stage1"]) <= 0.15  # bf16's bounds (DVAE_CASES); compile adds little
+    assert rel_gap(hist["stage2"], ref_hist["stage2"]) <= 0.4
+    assert psnr(out, ref_out) >= 16.0
     diff = (compiled - plain).abs()
     assert torch.isfinite(compiled).all() and diff.max() <= 0.04 and diff.mean() <= 0.004
 
