@@ -148,12 +148,12 @@ def test_dvae_torch_compile_with_bf16_tracks_fp32(dvae_reference) -> None:
     """``torch.compile`` of the conv stacks under bf16 autocast, as CUDA runs them (inductor generates C++ on
     CPU, Triton on CUDA), two stages; then the compiled stacks against the same weights run eagerly.
 
-    Against the fp32 eager run bf16 dominates (eager bf16 alone gives gaps of the same size), so the loss and
-    PSNR bounds are bf16's (``DVAE_CASES``, measured over seeds 0-5 with the class-only D_p). Compiled vs eager
-    bf16 inference of one model, ``x_hat`` in [0, 1], measured with the earlier model: max diff <= 0.0117,
-    mean <= 0.0013; tolerances 0.04, 0.004. Cold, inductor compiles six graphs with gcc (about 65 s of CPU on this machine); scalar code
-    (``vec_isa_ok=False``) halves that without changing what is tested (the GPU runs Triton). Warm (inductor's
-    on-disk cache) the test takes about 12 s. channels_last and fused Adam are tested eagerly above.
+    Against the fp32 eager run bf16 dominates (eager bf16 alone gives gaps of the same size), so the loss and PSNR
+    bounds are bf16's (``DVAE_CASES``, measured over seeds 0-5 with the class-only D_p). Compiled vs eager bf16
+    inference of one model, ``x_hat`` in [0, 1], measured with the earlier model: max diff <= 0.0117, mean <=
+    0.0013; tolerances 0.04, 0.004. Cold, inductor compiles six graphs with gcc (about 65 s of CPU on this machine);
+    scalar code (``vec_isa_ok=False``) halves that without changing what is tested (the GPU runs Triton). Warm
+    (inductor's on-disk cache) the test takes about 12 s. channels_last and fused Adam are tested eagerly above.
     """
     import shutil
 

@@ -20,14 +20,7 @@ from unpoison.errors import UserError
 from unpoison.models import create_model
 from unpoison.train import TrainConfig, train_classifier
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs: one thread beats two oversubscribed ones on a shared 2-core box (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int = 6, size: int = 16, channels: int = 3, seed: int = 0) -> np.ndarray:

@@ -13,15 +13,7 @@ from unpoison.defenses.dvae import DVAEConfig, DVAEPurifier
 from unpoison.errors import UserError
 from unpoison.models import DVAE, BottleneckAE, RateConstrainedVAE, dvae_loss, kl_divergence, vae_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: bit-reproducible CPU runs, and no thread thrashing on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"preset": "cpu", "width": 4, "width1": 0, "latent": 8, "batch_size": 32, "device": "cpu", "progress": False}
 

@@ -18,13 +18,7 @@ from unpoison.defenses import dvae as dvae_mod
 from unpoison.defenses.dvae import DVAEPurifier
 from unpoison.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Kill(Exception):
