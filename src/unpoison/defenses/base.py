@@ -40,6 +40,8 @@ class Purifier:
     needs_labels: bool = False
     learns: bool = False
     supports_checkpoint: bool = False
+    #: accepts ``memory_budget`` and ``dist``: streams splits larger than memory, runs on several processes
+    supports_streaming: bool = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
