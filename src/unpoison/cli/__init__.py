@@ -72,6 +72,7 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a launcher (purify --nproc) reruns it per rank
     try:
         check_args(args)
         rc = int(args.func(args) or 0)

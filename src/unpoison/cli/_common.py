@@ -26,6 +26,12 @@ def add_format(p: argparse.ArgumentParser) -> None:
                    help="output format (npz, imagefolder, idx, npy, cifar10, ...); default: the input's")
 
 
+def add_memory_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="memory a split may take resident (2G, 512M); larger splits stream from disk "
+                        "(default: half the free memory of the device)")
+
+
 def param_flags(registry: Any, skip: set[str]) -> dict[str, tuple[type, str]]:
     """Union of the ``PARAMS`` tables of a registry's entries: name -> (type, help naming each user).
 

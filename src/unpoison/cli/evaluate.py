@@ -10,7 +10,7 @@ from ..models import list_models
 from ..outputs import check_output, policy_for
 from ..train import TrainConfig
 from ..utils import Timer, manifest, write_json
-from ._common import add_device_seed, add_overwrite, add_quiet
+from ._common import add_device_seed, add_memory_budget, add_overwrite, add_quiet
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    help="training-time defense: at (PGD adversarial training) or ueraser")
     p.add_argument("--out", default=None, help="write the JSON record here (default: print only)")
     add_overwrite(p)
+    add_memory_budget(p)
     add_device_seed(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -41,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, inputs=inputs, overwrite=args.overwrite, is_dir=False, dataset=False)
     with timer("load"):
-        train = load_dataset(args.train)
-        test = load_dataset(args.test) if args.test else None
+        train = load_dataset(args.train, mmap=True)  # an npy folder larger than the budget streams from disk
+        test = load_dataset(args.test, mmap=True) if args.test else None
     if args.out:
         check_output(args.out, inputs=[*inputs, train.source, test.source if test else None],
                      overwrite=args.overwrite, is_dir=False, dataset=False)
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
         defense = make_train_defense(args.train_defense)
     with timer("train"):
-        rec = evaluate(train, test, cfg, args.seed, args.device, defense, progress=not args.quiet)
+        rec = evaluate(train, test, cfg, args.seed, args.device, defense, progress=not args.quiet,
+                       memory_budget=args.memory_budget)
     rec["train_defense"] = args.train_defense
     print(f"clean test accuracy (last epoch): {rec['final_acc']:.2f}%   best: {rec['best_acc']:.2f}% "
           f"(epoch {rec['best_epoch']})   time: {rec['train_time_s']:.1f}s   {rec['images_per_s']:.0f} img/s")
