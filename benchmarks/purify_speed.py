@@ -4,7 +4,8 @@ For each preset (``paper`` on 32x32x3, ``cpu`` on 28x28x1) and device (CPU, and 
 it times, in the same run:
 
 * product: :func:`unpoison.defenses.dvae.train_autoencoder` (data resident on the device as uint8,
-  channels_last, bf16 autocast + fused Adam + torch.compile on CUDA) and the batched inference;
+  the switches of :func:`unpoison.defenses.dvae.dvae_accel`: channels_last, bf16 autocast + fused
+  Adam + torch.compile on CUDA) and the batched inference;
 * reference: the same architecture trained the plain way (fp32, NCHW, a Python loop over batches
   sliced from a CPU float tensor and copied to the device, plain Adam), inference with batch 128.
 
@@ -26,7 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unpoison.defenses.dvae import Checkpointer, DVAEConfig, DVAEPurifier, _infer, train_autoencoder, use_channels_last
+from unpoison.defenses.dvae import (
+    Checkpointer,
+    DVAEConfig,
+    DVAEPurifier,
+    _infer,
+    compile_stacks,
+    dvae_accel,
+    train_autoencoder,
+)
 from unpoison.models import DVAE, dvae_loss
 from unpoison.utils import manifest, pick_device, seed_everything, write_json, write_text_atomic
 
@@ -52,15 +61,14 @@ def product_train(cfg: DVAEConfig, x: np.ndarray, y: np.ndarray, dev: torch.devi
     yt = torch.as_tensor(y, device=dev)
     ck = Checkpointer(None, "bench", {}, False)
     model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev)
-    model.channels_last = use_channels_last(cfg.width, dev)
-    if model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    accel = dvae_accel(cfg, dev)
     one = DVAEConfig(**{**cfg.__dict__, "epochs": 1})
     warm = min(len(x_u8), 2 * cfg.batch_size)
-    train_autoencoder(model, dvae_loss, x_u8[:warm], yt[:warm], one, cfg.kld_limit1, "warm-up", 0, ck, False)
+    train_autoencoder(model, dvae_loss, x_u8[:warm], yt[:warm], one, cfg.kld_limit1, "warm-up", 0, ck, False,
+                      accel=accel)
     _sync(dev)
     t0 = time.perf_counter()
-    train_autoencoder(model, dvae_loss, x_u8, yt, one, cfg.kld_limit1, "bench", 0, ck, False)
+    train_autoencoder(model, dvae_loss, x_u8, yt, one, cfg.kld_limit1, "bench", 0, ck, False, accel=accel)
     _sync(dev)
     return len(x) / (time.perf_counter() - t0)
 
@@ -69,20 +77,17 @@ def product_infer(cfg: DVAEConfig, x: np.ndarray, y: np.ndarray, dev: torch.devi
     from unpoison.train import to_device_images
 
     h, w, c = x.shape[1:]
-    model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev)
-    model.channels_last = use_channels_last(cfg.width, dev)
-    if model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dev.type == "cuda" and cfg.compile != "no":
-        for sub in (model.encoder, model.decoder, model.perturbation_decoder):
-            sub.compile()
+    accel = dvae_accel(cfg, dev)
+    model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev, memory_format=accel.memory_format)
+    if accel.compile:
+        compile_stacks(model)
     x_u8 = to_device_images(x, dev)
     yt = torch.as_tensor(y, device=dev)
-    batch = cfg.infer_batch or (1024 if dev.type == "cuda" else 256)
-    _infer(model, x_u8[:batch], yt[:batch], batch, lambda o, xb: o["p_hat"])
+    batch = accel.infer_batch
+    _infer(model, x_u8[:batch], yt[:batch], accel, lambda o, xb: o["p_hat"])
     _sync(dev)
     t0 = time.perf_counter()
-    _infer(model, x_u8, yt, batch, lambda o, xb: xb - o["p_hat"])
+    _infer(model, x_u8, yt, accel, lambda o, xb: xb - o["p_hat"])
     _sync(dev)
     return len(x) / (time.perf_counter() - t0)
 

@@ -250,7 +250,7 @@ def _stage_worker(rank: int, world: int, port: int, out: str) -> None:
     model = DVAE(3, (16, 16), 4, 8, 8, 2)
     hist = train_autoencoder(model, dvae_loss, make_source(ds.x_train, dev, stream=world > 1),
                              torch.as_tensor(ds.y_train), cfg, 1.0, "s", 3, Checkpointer(None, "x", {}, False),
-                             False, None, ctx)
+                             False, None, dist=ctx)
     weights = float(sum(p.double().sum() for p in model.parameters()))
     Path(f"{out}.{rank}").write_text(json.dumps({"loss": [h["loss"] for h in hist], "weights": weights}))
     distributed.shutdown(ctx)

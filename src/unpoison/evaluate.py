@@ -15,7 +15,7 @@ def evaluate(train: ImageDataset, test: ImageDataset | None = None, config: Trai
              progress: bool = True, desc: str = "evaluate", memory_budget: str | int | None = None) -> dict[str, Any]:
     """Train on ``train`` and return the protocol's record (final/best accuracy, per class, timings)."""
     res: TrainResult = train_classifier(train, test, config, seed, device, train_defense, progress, desc,
-                                        memory_budget)
+                                        memory_budget=memory_budget)
     test = test or train
     out = res.summary()
     out["per_class_acc"] = dict(zip(test.classes, res.per_class_acc))

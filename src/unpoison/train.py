@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .accel import Accel
 from .data import ImageDataset
 from .errors import NonFiniteError, UserError
 from .models import create_model
@@ -138,9 +139,9 @@ def predict(model: nn.Module, x_u8: torch.Tensor | BatchSource, batch_size: int 
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor,
-             num_classes: int) -> tuple[float, list[float]]:
-    p = predict(model, x_u8)
+def accuracy(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor, num_classes: int,
+             batch_size: int = 512) -> tuple[float, list[float]]:
+    p = predict(model, x_u8, batch_size)
     correct = (p == y).float()
     per = torch.zeros(num_classes, device=y.device).index_add_(0, y, correct)
     cnt = torch.bincount(y, minlength=num_classes).clamp_min(1)
@@ -156,14 +157,16 @@ def train_classifier(
     train_defense: TrainDefense | None = None,
     progress: bool = True,
     desc: str = "train",
+    accel: Accel | None = None,
     memory_budget: str | int | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``train``'s training split; score on ``test``'s test split.
 
     ``test`` defaults to ``train`` itself (its own test split). Reported accuracy is the
-    last epoch's (the paper's rule); the best epoch is kept for reference. Both splits are kept on
-    the device when they fit ``memory_budget`` together (default: half the free memory); otherwise
-    the training split, and the test split if it does not fit alone, stream from disk.
+    last epoch's (the paper's rule); the best epoch is kept for reference. ``accel`` picks bf16
+    autocast, channels_last and the evaluation batch (default ``Accel.auto(device, "classifier")``).
+    Both splits are kept on the device when they fit ``memory_budget`` together (default: half the
+    free memory); otherwise the training split, and the test split if it does not fit alone, stream.
     """
     cfg = config or TrainConfig()
     test = test or train
@@ -179,7 +182,8 @@ def train_classifier(
     gen.manual_seed(seed)
     h, w, c = train.image_shape
     model = create_model(cfg.model, train.num_classes, c, max(h, w)).to(dev)
-    model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU (oneDNN)
+    accel = accel or Accel.auto(dev, "classifier")
+    model = model.to(memory_format=accel.memory_format)
     budget = _memory_budget(memory_budget, dev)
     both = fits(int(train.x_train.nbytes) + int(test.x_test.nbytes), budget)  # type: ignore[union-attr]
     x_tr = make_source(train.x_train, dev, stream=not both)
@@ -191,7 +195,6 @@ def train_classifier(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=False)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    use_amp = dev.type == "cuda"
     history: list[dict[str, float]] = []
     best, best_ep, per_class, acc = -1.0, 0, [], 0.0
     t0 = time.perf_counter()
@@ -207,8 +210,8 @@ def train_classifier(
             if train_defense is not None:
                 xb = train_defense(model, xb, yb)
                 model.train()
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            xb = xb.contiguous(memory_format=accel.memory_format)
+            with accel.autocast(dev):
                 out = model(xb)
                 loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -220,7 +223,7 @@ def train_classifier(
         rec = {"epoch": ep + 1, "train_loss": tot_loss.item() / n, "train_acc": tot_correct.item() / n * 100}
         check_finite_loss(rec["train_loss"], f"{desc}: classifier training", ep + 1, "--lr")
         if (ep + 1) % cfg.eval_every == 0 or ep + 1 == cfg.epochs:
-            acc, per_class = accuracy(model, x_te, y_te, train.num_classes)
+            acc, per_class = accuracy(model, x_te, y_te, train.num_classes, accel.infer_batch)
             rec["test_acc"] = acc
             if acc > best:
                 best, best_ep = acc, ep + 1

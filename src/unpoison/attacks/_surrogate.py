@@ -2,7 +2,9 @@
 
 Images and the perturbation live on the device as float NCHW tensors; surrogates come from
 :func:`unpoison.models.create_model`; PGD steps in l_inf (sign) or l2 (normalised gradient);
-checkpoints are written atomically and read with ``torch.load(weights_only=True)``.
+checkpoints are written atomically and read with ``torch.load(weights_only=True)``. A checkpoint
+carries every RNG state the attack draws from (its generators, torch's global CPU and CUDA ones) and
+the position in the current data order, so a resumed run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import rng
 from ..data.fingerprint import content_fingerprint
 from ..errors import UserError
 from ..models import create_model
@@ -77,9 +80,9 @@ class SurrogateAttack(Attack):
         for i in range(0, n, bs):
             yield order[i:i + bs]
 
-    def endless_batches(self) -> Iterator[torch.Tensor]:
-        while True:
-            yield from self.batches()
+    def endless_batches(self) -> BatchStream:
+        """Shuffled batches pass after pass; its position goes into checkpoints (:class:`BatchStream`)."""
+        return BatchStream(self)
 
     def step_size(self) -> float:
         return self.params["step_frac"] * self.eps
@@ -132,13 +135,15 @@ class SurrogateAttack(Attack):
         opt = self.new_opt(model)
         delta = self.init_delta()
         start, history = 0, []
+        batches = self.endless_batches()
         state = self.load_ckpt()
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             delta = state["delta"].to(self.device)
             start, history = int(state["round"]), [dict(zip(("loss", "acc"), h)) for h in state["history"].tolist()]
-        batches = self.endless_batches()
+            if "batches" in state:
+                batches.load_state_dict(state["batches"])
         bar = self.bar(self.params["rounds"], "rounds", initial=start)
         acc = history[-1]["acc"] if history else 0.0
         t0 = time.perf_counter()
@@ -158,7 +163,8 @@ class SurrogateAttack(Attack):
             bar.update(1)
             bar.set_postfix(loss=f"{loss_p:.4f}", surrogate_acc=f"{acc:.1f}")
             self.save_ckpt({"model": model.state_dict(), "opt": opt.state_dict(), "delta": delta.cpu(),
-                            "round": rnd + 1, "history": torch.tensor([[h["loss"], h["acc"]] for h in history])})
+                            "round": rnd + 1, "history": torch.tensor([[h["loss"], h["acc"]] for h in history]),
+                            "batches": batches.state_dict()})
         bar.close()
         self.info_ = {"surrogate_acc_poisoned": acc, "rounds_run": len(history), "history": history,
                       "surrogate_loss_poisoned": history[-1]["loss"] if history else None,
@@ -223,8 +229,7 @@ class SurrogateAttack(Attack):
         path = self.ckpt_path()
         if path is None:
             return
-        state = {**state, "fingerprint": self.fingerprint(), "torch_rng": torch.get_rng_state(),
-                 "gen_state": self.gen.get_state().cpu(), "cpu_gen_state": self.cpu_gen.get_state()}
+        state = {**state, "fingerprint": self.fingerprint(), "rng": rng.capture(self.generators())}
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
@@ -240,10 +245,46 @@ class SurrogateAttack(Attack):
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint():
             raise UserError("checkpoint belongs to a different run (the images, labels, attack or parameters "
                             "differ); remove it or run without --resume", path)
-        torch.set_rng_state(state["torch_rng"])
-        self.gen.set_state(state["gen_state"])
-        self.cpu_gen.set_state(state["cpu_gen_state"])
+        rng.restore(state["rng"], self.generators(), path)
         return state
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The explicit generators: ``gen`` on the device (data order, augmentation, noise), ``cpu_gen``."""
+        return {"gen": self.gen, "cpu_gen": self.cpu_gen}
+
+
+class BatchStream:
+    """Endless shuffled batches of an attack's data: a fresh permutation (from ``attack.gen``) per pass.
+
+    Its state (the current permutation and the position in it) is checkpointed, so a run resumed
+    mid-pass takes the same batches the uninterrupted run would have taken.
+    """
+
+    def __init__(self, attack: SurrogateAttack) -> None:
+        self.attack = attack
+        self.order: torch.Tensor | None = None
+        self.pos = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        n, bs = len(self.attack.x), self.attack.params["batch_size"]
+        if self.order is None or self.pos >= n:
+            self.order = torch.randperm(n, device=self.attack.device, generator=self.attack.gen)
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + bs]
+        self.pos += bs
+        return idx
+
+    def state_dict(self) -> dict[str, Any]:
+        order = torch.empty(0, dtype=torch.long) if self.order is None else self.order.cpu()
+        return {"order": order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        order = state["order"]
+        self.order = order.to(self.attack.device) if len(order) else None
+        self.pos = int(state["pos"])
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

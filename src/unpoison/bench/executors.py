@@ -118,11 +118,21 @@ def run_ray(store: Store, cells: list[Cell], outdir: Path, workers: int = 1, pro
     remote = ray.remote(run_cell)
     bar = _Progress(len(cells), progress)
     refs: dict[Any, Cell] = {}
+    # a request the (fixed, local) cluster can never meet would wait forever: fail that cell instead
+    total = {} if address else ray.cluster_resources()
     try:
         for cell in cells:
             res = cell.config.get("resources") or {}
             opts = {"num_cpus": float(res.get("num_cpus", 1)), "num_gpus": float(res.get("num_gpus", 0)),
                     "max_retries": 0}
+            short = [f"{opts[k]:g} {r}" for k, r in (("num_cpus", "CPU"), ("num_gpus", "GPU"))
+                     if total and opts[k] > total.get(r, 0.0)]
+            if short:
+                rec = _died(cell, f"cell asks for {' and '.join(short)} but the Ray cluster has "
+                                  f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU (see 'resources:')")
+                store.record(cell.key, rec)
+                bar.update(cell, rec)
+                continue
             store.mark_running(cell.key)
             threads = int(res.get("num_cpus", 1)) or 1
             refs[remote.options(**opts).remote(cell, str(Path(outdir).resolve()), False, threads)] = cell

@@ -9,7 +9,8 @@ Gaussian noise drowns the small poison and the model's prior fills in clean imag
 Checkpoints are one ``.pt`` file: ``{"format", "version", "config" (a JSON string), "state_dict"}``
 written atomically and read back with ``torch.load(weights_only=True)`` (no arbitrary pickle).
 Images whose sides are not a multiple of the UNet's downsampling factor are reflect-padded and
-cropped back.
+cropped back. Training and sampling take their speed switches (bf16 autocast, fused AdamW,
+channels_last) from an :class:`~unpoison.accel.Accel`, by default ``Accel.auto(device, "diffusion")``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..accel import Accel
 from ..data import ImageDataset
 from ..errors import UserError
 from ..utils import atomic_path, pick_device, seed_everything
@@ -138,7 +140,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 def train_diffusion(ds: ImageDataset, preset: str = "toy", epochs: int | None = None, batch_size: int | None = None,
                     lr: float | None = None, seed: int = 0, device: str | torch.device = "auto",
-                    progress: bool = True, flip: bool = True) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+                    progress: bool = True, flip: bool = True,
+                    accel: Accel | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Train a DDPM on ``ds``'s training split (clean data of the target domain).
 
     Returns ``(model, config, record)``; the model holds the EMA weights when the preset uses EMA
@@ -152,19 +155,20 @@ def train_diffusion(ds: ImageDataset, preset: str = "toy", epochs: int | None = 
     seed_everything(seed)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
-    model = build_unet(cfg).to(dev)
+    accel = accel or Accel.auto(dev, "diffusion")
+    model = build_unet(cfg).to(dev, memory_format=accel.memory_format)
     sched = build_scheduler(cfg)
     x_all = _to_model_space(ds.x_train, cfg, dev)
     n = len(x_all)
     bs = min(cfg["batch_size"], n)
     steps = (n + bs - 1) // bs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0,
+                            fused=accel.fused_adam or None)  # None: torch picks foreach, as before
     ema = None
     if cfg["ema_decay"] > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]))
-    use_amp = dev.type == "cuda"
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     bar = tqdm(range(cfg["epochs"]), desc="train-diffusion", disable=not progress, dynamic_ncols=True)
@@ -179,8 +183,8 @@ def train_diffusion(ds: ImageDataset, preset: str = "toy", epochs: int | None = 
                 xb = torch.where(m[:, None, None, None], xb.flip(3), xb)
             noise = torch.randn(xb.shape, device=dev, generator=gen)
             t = torch.randint(0, cfg["num_train_timesteps"], (len(xb),), device=dev, generator=gen)
-            xt = sched.add_noise(xb, noise, t)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            xt = sched.add_noise(xb, noise, t).contiguous(memory_format=accel.memory_format)
+            with accel.autocast(dev):
                 pred = model(xt, t).sample
             loss = F.mse_loss(pred.float(), noise)
             opt.zero_grad(set_to_none=True)
@@ -193,7 +197,7 @@ def train_diffusion(ds: ImageDataset, preset: str = "toy", epochs: int | None = 
         history.append({"epoch": ep + 1, "loss": tot.item() / n})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
     final = ema.module if ema is not None else model
-    record = {"history": history, "train_time_s": time.perf_counter() - t0, "n_train": n,
+    record = {"history": history, "train_time_s": time.perf_counter() - t0, "n_train": n, "accel": accel.to_dict(),
               "parameters": sum(p.numel() for p in final.parameters())}
     return final.eval(), cfg, record
 
@@ -211,7 +215,7 @@ class AvatarPurifier(Purifier):
     COMMON = frozenset({"device", "seed", "progress"})
 
     def __init__(self, checkpoint: str | None = None, t_star: int = 100, batch_size: int = 256,
-                 device: str = "auto", seed: int = 0, progress: bool = True) -> None:
+                 device: str = "auto", seed: int = 0, progress: bool = True, accel: Accel | None = None) -> None:
         if not checkpoint:
             raise UserError("avatar needs --checkpoint PATH (train one with 'unpoison train-diffusion')")
         if int(t_star) != t_star or not 1 <= t_star < NUM_TRAIN_TIMESTEPS:
@@ -221,12 +225,15 @@ class AvatarPurifier(Purifier):
         super().__init__(checkpoint=str(checkpoint), t_star=int(t_star), batch_size=int(batch_size))
         self.checkpoint, self.t_star, self.batch_size = str(checkpoint), int(t_star), int(batch_size)
         self.device, self.seed, self.progress = device, seed, progress
+        self.accel = accel  # None: Accel.auto(device, "diffusion") once the device is known
         if not Path(self.checkpoint).is_file():
             raise UserError("diffusion checkpoint not found", self.checkpoint)
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         dev = pick_device(self.device)
         model, cfg = load_checkpoint(self.checkpoint, dev)
+        accel = self.accel or Accel.auto(dev, "diffusion")
+        model.to(memory_format=accel.memory_format)
         h, w, c = x.shape[1:]
         if (c, h, w) != (cfg["channels"], cfg["height"], cfg["width"]):
             raise UserError(f"checkpoint was trained on {cfg['channels']}x{cfg['height']}x{cfg['width']} images, "
@@ -239,7 +246,6 @@ class AvatarPurifier(Purifier):
         bar = tqdm(total=n_batches * (self.t_star + 1), desc="avatar denoise", disable=not self.progress,
                    dynamic_ncols=True, unit="step")
         t0 = time.perf_counter()
-        use_amp = dev.type == "cuda"
         with torch.no_grad():
             for i in range(0, len(x), self.batch_size):
                 x0 = _to_model_space(x[i:i + self.batch_size], cfg, dev)
@@ -247,12 +253,12 @@ class AvatarPurifier(Purifier):
                 t_idx = torch.full((len(x0),), self.t_star, device=dev, dtype=torch.long)
                 xt = sched.add_noise(x0, noise, t_idx)
                 for t in range(self.t_star, -1, -1):
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                        eps = model(xt, t).sample
+                    with accel.autocast(dev):
+                        eps = model(xt.contiguous(memory_format=accel.memory_format), t).sample
                     xt = sched.step(eps.float(), t, xt, generator=gen).prev_sample
                     bar.update(1)
                 out[i:i + self.batch_size] = _to_uint8(xt, cfg)
         bar.close()
-        self.info_ = {"t_star": self.t_star, "checkpoint_preset": cfg["preset"],
+        self.info_ = {"t_star": self.t_star, "checkpoint_preset": cfg["preset"], "accel": accel.to_dict(),
                       "denoise_time_s": time.perf_counter() - t0}
         return out

@@ -6,10 +6,11 @@ its perturbation estimate: ``x1 = clip(x0 - p_hat(x0))``. Stage 2 trains another
 rounded to uint8 (they are datasets in their own right and this keeps checkpoints small).
 
 Every hyperparameter lives in :class:`DVAEConfig` and its presets (``paper``, ``imagenet``,
-``cpu``). Training keeps the whole split on the device as uint8, uses channels_last, bf16 autocast
-and fused Adam on CUDA (plus ``torch.compile`` of the conv stacks there), and checkpoints every
-epoch so ``resume=True`` continues a killed run. ``p_hat`` arrays are float16 NHWC in 0..255
-pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
+``cpu``). Training keeps the whole split on the device as uint8; the speed switches (bf16 autocast,
+fused Adam, ``torch.compile`` of the conv stacks, channels_last, inference batch) come from an
+:class:`~unpoison.accel.Accel` (default: :func:`dvae_accel`, all on for CUDA). Training checkpoints
+every epoch, RNG states included, so ``resume=True`` continues a killed run exactly. ``p_hat``
+arrays are float16 NHWC in 0..255 pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
 
 **Larger than memory.** When a split times :attr:`_AutoencoderPurifier.RESIDENT_FACTOR` does not fit
 the memory budget (``memory_budget``; see :mod:`unpoison.stream`), training reads shuffled batches
@@ -41,6 +42,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import rng
+from ..accel import Accel, dvae_channels_last
 from ..data.fingerprint import content_fingerprint
 from ..data.rows import NpyWriter
 from ..distributed import SINGLE, DistContext
@@ -251,19 +254,23 @@ class Checkpointer:
 
 
 # --- the shared training loop --------------------------------------------------------------------
-def _memory_format(model: nn.Module) -> torch.memory_format:
-    return torch.channels_last if getattr(model, "channels_last", False) else torch.contiguous_format
-
-
 def use_channels_last(width: int, device: torch.device | str = "cuda") -> bool:
-    """channels_last on CUDA; on CPU only for narrow models (8 <= width <= 32).
+    """channels_last on CUDA; on CPU only for narrow models (see :func:`unpoison.accel.dvae_channels_last`)."""
+    return dvae_channels_last(width, device)
 
-    Measured on CPU (docs/results/purify_speed.md): width 8 trains 1.09x faster in channels_last,
-    width 64 0.65x (slower). torch 2.14's CPU kernels also corrupt the heap on channels_last convs
-    with 2 channels (seen with width 4, one thread)."""
-    if torch.device(device).type == "cuda":
-        return True
-    return 8 <= width <= 32
+
+def dvae_accel(cfg: DVAEConfig, device: torch.device | str) -> Accel:
+    """The default switches for ``cfg`` on ``device``: :meth:`Accel.auto` with the config's compile / batch."""
+    return Accel.auto(device, "dvae", cfg.width, compile={"yes": True, "no": False}.get(cfg.compile),
+                      infer_batch=cfg.infer_batch or None)
+
+
+def compile_stacks(model: nn.Module) -> None:
+    """``torch.compile`` the conv stacks (encoder and decoders) in place; the small 1x1 heads stay eager."""
+    for name in ("encoder", "decoder", "perturbation_decoder"):
+        sub = getattr(model, name, None)
+        if sub is not None and getattr(sub, "_compiled_call_impl", None) is None:
+            sub.compile()
 
 
 def _float_batch(x_u8: torch.Tensor, fmt: torch.memory_format = torch.channels_last) -> torch.Tensor:
@@ -280,9 +287,11 @@ def _noise_generator(seed: int, epoch: int, ctx: DistContext, dev: torch.device)
 def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
                       x_u8: torch.Tensor | BatchSource, y: torch.Tensor | None, cfg: DVAEConfig, kld_limit: float,
                       stage: str, seed: int, ckpt: Checkpointer, progress: bool = True,
-                      callback: EpochCallback | None = None, dist: DistContext = SINGLE) -> list[dict[str, float]]:
+                      callback: EpochCallback | None = None, accel: Accel | None = None,
+                      dist: DistContext = SINGLE) -> list[dict[str, float]]:
     """Train ``model`` in place on uint8 NCHW ``x_u8`` (a device tensor or a :class:`BatchSource`); return
-    per-epoch history.
+    per-epoch history. ``accel`` picks the speed switches (default :func:`dvae_accel`); the model is put in
+    its memory format.
 
     The permutation comes from a generator seeded ``seed`` (saved in the checkpoint), the latent samples
     from one generator per epoch and rank (a function of seed, epoch and rank), so a resident and a
@@ -292,11 +301,12 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
     """
     src = x_u8 if isinstance(x_u8, BatchSource) else ResidentSource(x_u8)
     dev = src.device
-    cuda = dev.type == "cuda"
+    accel = accel or dvae_accel(cfg, dev)
+    model.to(memory_format=accel.memory_format)
     n = len(src)
     steps = math.ceil(n / cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=cuda)
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=accel.fused_adam)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps, eta_min=0.0)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -307,19 +317,19 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"])
+        if "rng_state" in state:
+            rng.restore(state["rng_state"], {"data": gen}, ckpt.dir)
+        else:  # a checkpoint from before RNG states were all saved: the data generator only
+            gen.set_state(state["rng"])
         history = list(state["history"])
         start = int(state["epoch"])
     fwd: nn.Module = model
-    if cfg.compile == "yes" or (cfg.compile == "auto" and cuda):
-        for name in ("encoder", "decoder", "perturbation_decoder"):
-            sub = getattr(model, name, None)
-            if sub is not None:
-                sub.compile()
+    if accel.compile:
+        compile_stacks(model)
     if dist.active:  # rank 0's initial weights are broadcast; BatchNorm statistics stay per rank (DDP's default)
-        fwd = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+        fwd = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     is_dvae = isinstance(model, DVAE)
-    fmt = _memory_format(model)
+    fmt = accel.memory_format
     variational = isinstance(model, (DVAE, RateConstrainedVAE))
     total = cfg.epochs * steps
     bar = tqdm(total=total, initial=start * steps, desc=stage, disable=not progress, leave=False,
@@ -339,7 +349,7 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
                         idx = perm[i * cfg.batch_size:i * cfg.batch_size + 1]
                         x_b = src.take(idx)
                 xb = _float_batch(x_b, fmt)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                with accel.autocast(dev):
                     if is_dvae:
                         out = fwd(xb, y[idx], sample=True, generator=noise)  # type: ignore[index]
                     elif variational:
@@ -368,7 +378,8 @@ def train_autoencoder(model: nn.Module, loss_fn: Callable[..., tuple[torch.Tenso
                    "kld": s[2], "lr": sched.get_last_lr()[0], "time_s": time.perf_counter() - t0}
             history.append(rec)
             ckpt.save_epoch(stage, {"epoch": ep + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "rng": gen.get_state(), "history": history})
+                                    "scheduler": sched.state_dict(), "rng_state": rng.capture({"data": gen}),
+                                    "history": history})
             if callback is not None:
                 callback({"stage": stage, **rec})
     finally:
@@ -383,23 +394,23 @@ InferFn = Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tens
 
 
 @torch.no_grad()
-def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, batch: int, fn: InferFn,
+def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: Accel, fn: InferFn,
               sinks: dict[str, tuple[Sink, Callable[[torch.Tensor], torch.Tensor]]],
               dist: DistContext = SINGLE) -> None:
-    """Batched inference with ``z = mu``; each named result of ``fn`` is converted and put into its sink.
+    """Batched inference with ``z = mu`` (``accel.infer_batch`` images a batch); each named result of ``fn``
+    is converted and put into its sink.
 
     Batches are ``[i, i + batch)`` whatever the number of ranks (whole batches dealt to ranks), so each
     row's bytes do not depend on how the work was shared. Non-finite results end every rank with
     :class:`NonFiniteError` (NaN would round to 0 and pass as images)."""
     model.eval()
     dev = x.device
-    cuda = dev.type == "cuda"
-    fmt = _memory_format(model)
+    fmt = accel.memory_format
     bad = torch.zeros((), dtype=torch.bool, device=dev)
-    for start, x_b in x.ranges(shard_ranges(len(x), batch, dist.rank, dist.world)):
+    for start, x_b in x.ranges(shard_ranges(len(x), accel.infer_batch, dist.rank, dist.world)):
         xb = _float_batch(x_b, fmt)
         yb = None if y is None else y[start:start + len(xb)]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+        with accel.autocast(dev):
             out = model(xb, yb) if isinstance(model, DVAE) else model(xb)
         for name, res in fn({k: v.float() for k, v in out.items()}, xb).items():
             bad |= ~torch.isfinite(res).all()  # no sync per batch
@@ -411,12 +422,12 @@ def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, batch: i
 
 
 @torch.no_grad()
-def _infer(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor | None, batch: int,
+def _infer(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor | None, accel: Accel,
            fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Batched inference with ``z = mu`` into one device tensor; ``fn(out, x)`` picks the float result."""
     src = x_u8 if isinstance(x_u8, BatchSource) else ResidentSource(x_u8)
     sink = TensorSink(len(src))
-    _infer_to(model, src, y, batch, lambda o, xb: {"r": fn(o, xb)}, {"r": (sink, _same)})
+    _infer_to(model, src, y, accel, lambda o, xb: {"r": fn(o, xb)}, {"r": (sink, _same)})
     return sink.result()
 
 
@@ -447,12 +458,14 @@ class _AutoencoderPurifier(Purifier):
 
     def __init__(self, preset: str = "paper", device: str | torch.device = "auto", seed: int = 0,
                  progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                 epoch_callback: EpochCallback | None = None, memory_budget: str | int | None = None,
-                 stream: bool | None = None, scratch_dir: str | Path | None = None,
-                 dist: DistContext | None = None, **overrides: Any) -> None:
+                 epoch_callback: EpochCallback | None = None, accel: Accel | None = None,
+                 memory_budget: str | int | None = None, stream: bool | None = None,
+                 scratch_dir: str | Path | None = None, dist: DistContext | None = None, **overrides: Any) -> None:
         super().__init__(preset=preset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
         self.config = DVAEConfig.preset(preset, **overrides)
         self.device = pick_device(device)
+        #: speed switches of training and inference (default: this config's on this device)
+        self.accel = accel or dvae_accel(self.config, self.device)
         self.seed = int(seed)
         self.dist = dist or SINGLE
         self.progress = progress and self.dist.main
@@ -467,10 +480,6 @@ class _AutoencoderPurifier(Purifier):
         self.history_: dict[str, list[dict[str, float]]] = {}
         self.plan_: dict[str, Any] = {}
         self._tmp: Path | None = None
-
-    @property
-    def _infer_batch(self) -> int:
-        return self.config.infer_batch or (1024 if self.device.type == "cuda" else 256)
 
     def _labels(self, y: np.ndarray | None, fitting: bool) -> torch.Tensor | None:
         if y is None:
@@ -601,7 +610,7 @@ class _AutoencoderPurifier(Purifier):
     def _psnr(self, a: BatchSource, b: BatchSource) -> float:
         """PSNR (dB) between two uint8 sources, accumulated batch by batch (every rank its share)."""
         sse = torch.zeros(2, dtype=torch.float64, device=self.device)
-        ranges = shard_ranges(len(a), self._infer_batch, self.dist.rank, self.dist.world)
+        ranges = shard_ranges(len(a), self.accel.infer_batch, self.dist.rank, self.dist.world)
         for (_, xa), (_, xb) in zip(a.ranges(ranges), b.ranges(ranges)):
             d = (xa.double() - xb.double()) / 255.0
             sse += torch.stack([d.pow(2).sum(), torch.tensor(float(d.numel()), dtype=torch.float64,
@@ -615,17 +624,17 @@ class _AutoencoderPurifier(Purifier):
                    offset: int) -> nn.Module:
         done = ckpt.stage_output(stage)
         seed_everything(self.seed * 1000 + offset)
-        model = make().to(self.device)
-        model.channels_last = use_channels_last(self.config.width, self.device)
-        model = model.to(memory_format=_memory_format(model))
+        model = make().to(self.device, memory_format=self.accel.memory_format)
         if done is not None:
             model.load_state_dict(done["model"])
             self.history_[stage] = list(done["history"])
             model.eval()
+            if self.accel.compile:
+                compile_stacks(model)
         else:
             self.history_[stage] = train_autoencoder(
                 model, loss_fn, x_u8, y, self.config, kld_limit, stage, self.seed * 1000 + offset, ckpt,
-                self.progress, self.epoch_callback, self.dist)
+                self.progress, self.epoch_callback, self.accel, self.dist)
             ckpt.save_stage_output(stage, {"model": model.state_dict(), "history": self.history_[stage]})
         self.dist.barrier()
         self.models_[stage] = model
@@ -635,7 +644,7 @@ class _AutoencoderPurifier(Purifier):
         return {k: h[-1] for k, h in self.history_.items() if h}
 
     def _info(self, t0: float) -> dict[str, Any]:
-        return {"final_losses": self._final_losses(), "config": asdict(self.config),
+        return {"final_losses": self._final_losses(), "config": asdict(self.config), "accel": self.accel.to_dict(),
                 "stream": {k: v for k, v in self.plan_.items() if k != "line"}, "inference_s": time.perf_counter() - t0,
                 "device": str(self.device), **({"distributed": self.dist.describe()} if self.dist.active else {})}
 
@@ -714,11 +723,11 @@ class DVAEPurifier(_AutoencoderPurifier):
         fn: InferFn = lambda o, xb: {"x1": xb - o["p_hat"]}  # noqa: E731
         if path is None and not streamed and not self.dist.active:
             sink = TensorSink(len(x0))
-            _infer_to(m1, x0, yt, self._infer_batch, fn, {"x1": (sink, _to_u8)})
+            _infer_to(m1, x0, yt, self.accel, fn, {"x1": (sink, _to_u8)})
             return ResidentSource(sink.result())
         path = path or self._work_dir() / "stage1_images.npy"
         with self._npy_output(path, shape, np.uint8) as out:
-            _infer_to(m1, x0, yt, self._infer_batch, fn, {"x1": (out, _to_u8)}, self.dist)
+            _infer_to(m1, x0, yt, self.accel, fn, {"x1": (out, _to_u8)}, self.dist)
         ckpt.mark_images("stage1_images", shape)
         return self._source(open_array(path), streamed)
 
@@ -735,7 +744,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
         x_u8 = to_device_images(xx, self.device)
-        p = _infer(self.models_[stage], x_u8, yy, self._infer_batch, lambda o, xb: o["p_hat"] * 255)
+        p = _infer(self.models_[stage], x_u8, yy, self.accel, lambda o, xb: o["p_hat"] * 255)
         return _nhwc(p.half())
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -747,7 +756,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         files = streamed or self.dist.active
         shape = tuple(x.shape)
         keep = None if not files else GRID_ROWS  # rows of each stage kept in memory for the report's grid
-        batch = self._infer_batch
+        accel = self.accel
         self.stages_, self.extras_ = {}, {}
         psnrs: dict[str, float] = {}
         sources: list[BatchSource] = []
@@ -760,7 +769,7 @@ class DVAEPurifier(_AutoencoderPurifier):
             x0 = x1 = source(x)
             if "stage1" in self.models_:
                 with self._outputs({"x1": np.uint8, "p_hat": np.float16}, shape, files) as out:
-                    _infer_to(self.models_["stage1"], x0, yt, batch,
+                    _infer_to(self.models_["stage1"], x0, yt, accel,
                               lambda o, xb: {"x1": xb - o["p_hat"], "p_hat": o["p_hat"] * 255},
                               {"x1": (out["x1"], _to_u8), "p_hat": (out["p_hat"], _half255)}, self.dist)
                 x1_arr = self._result(out["x1"], "x1")
@@ -772,14 +781,14 @@ class DVAEPurifier(_AutoencoderPurifier):
             x2 = x1
             if cfg.stage2_subtract:
                 with self._outputs({"x2": np.uint8}, shape, files) as out:
-                    _infer_to(m2, x1, yt, batch, lambda o, xb: {"x2": xb - o["p_hat"]},
+                    _infer_to(m2, x1, yt, accel, lambda o, xb: {"x2": xb - o["p_hat"]},
                               {"x2": (out["x2"], _to_u8)}, self.dist)
                 x2_arr = self._result(out["x2"], "x2")
                 self.stages_["after stage 2 subtraction"] = _nhwc_rows(x2_arr, keep)
                 x2 = source(x2_arr)
                 psnrs["stage2_x1_x2"] = self._psnr(x1, x2)
             with self._outputs({"purified": np.uint8}, shape, files) as out:
-                _infer_to(m2, x2, yt, batch, lambda o, xb: {"purified": o["x_hat"]},
+                _infer_to(m2, x2, yt, accel, lambda o, xb: {"purified": o["x_hat"]},
                           {"purified": (out["purified"], _to_u8)}, self.dist)
             x3_arr = self._result(out["purified"], "purified")
             x3 = source(x3_arr)
@@ -823,7 +832,7 @@ class _ReconstructionPurifier(_AutoencoderPurifier):
         x0 = self._source(x, streamed)
         try:
             with self._outputs({"purified": np.uint8}, tuple(x.shape), streamed or self.dist.active) as out:
-                _infer_to(self.models_[self.name], x0, None, self._infer_batch, lambda o, xb: {"purified": o["x_hat"]},
+                _infer_to(self.models_[self.name], x0, None, self.accel, lambda o, xb: {"purified": o["x_hat"]},
                           {"purified": (out["purified"], _to_u8)}, self.dist)
             res = self._result(out["purified"], "purified")
             x3 = self._source(res, streamed)

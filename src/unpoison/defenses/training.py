@@ -10,6 +10,9 @@ restore the mode they found. For PGD this is the common PyTorch form of the Madr
 forward passes neither update the running statistics nor make the perturbation depend on the
 other samples in the batch; the weight update itself then happens in train mode on the
 adversarial batch. UEraser's loss ranking likewise runs in eval mode under ``no_grad``.
+
+Speed switches (bf16 autocast of the inner forward passes, channels_last) come from an
+:class:`~unpoison.accel.Accel`; the default is the scoring loop's, ``Accel.auto(device, "classifier")``.
 """
 
 from __future__ import annotations
@@ -20,25 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel import Accel
 from ..errors import UserError
 from ..train import TrainDefense
 from ..utils import parse_fraction
 from .base import TRAIN_DEFENSES
 
 
-def _autocast(x: torch.Tensor) -> torch.autocast:
-    """bfloat16 autocast on CUDA (as the training loop uses), off on CPU."""
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+def _accel(accel: Accel | None, x: torch.Tensor) -> Accel:
+    """The given switches, or the scoring loop's defaults for ``x``'s device (bf16 on CUDA, off on CPU)."""
+    return accel or Accel.auto(x.device, "classifier")
 
 
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 10,
                step_size: float = 1.6 / 255, random_start: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, accel: Accel | None = None) -> torch.Tensor:
     """l_inf PGD maximising cross-entropy; returns ``x + delta`` with ``|delta| <= eps`` and values in [0, 1].
 
     Gradients are taken w.r.t. the input only (``torch.autograd.grad``), so the model's parameter
     gradients are left untouched. The model's train/eval mode is restored on return.
     """
+    acc = _accel(accel, x)
     was_training = model.training
     model.eval()
     x = x.detach()
@@ -51,7 +56,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
     try:
         for _ in range(steps):
             delta.requires_grad_(True)
-            with _autocast(x):
+            with acc.autocast(x.device):
                 loss = F.cross_entropy(model(x + delta), y)
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
@@ -67,7 +72,7 @@ class AdversarialTraining:
     """Madry PGD adversarial training: the batch is replaced by its PGD adversarial examples."""
 
     def __init__(self, eps: float | str = "8/255", steps: int = 10, step_size: float | str = "1.6/255",
-                 random_start: bool = True, seed: int | None = None) -> None:
+                 random_start: bool = True, seed: int | None = None, accel: Accel | None = None) -> None:
         self.eps = parse_fraction(eps, "eps")
         self.step_size = parse_fraction(step_size, "step size")
         if not 0 < self.eps <= 1 or not 0 < self.step_size <= 1:
@@ -77,13 +82,15 @@ class AdversarialTraining:
         self.steps = int(steps)
         self.random_start = bool(random_start)
         self.seed = seed
+        self.accel = accel
         self._gen: torch.Generator | None = None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.seed is not None and (self._gen is None or self._gen.device != x.device):
             self._gen = torch.Generator(device=x.device)
             self._gen.manual_seed(self.seed)
-        return pgd_attack(model, x, y, self.eps, self.steps, self.step_size, self.random_start, self._gen)
+        return pgd_attack(model, x, y, self.eps, self.steps, self.step_size, self.random_start, self._gen,
+                          self.accel)
 
     def __repr__(self) -> str:
         return f"AdversarialTraining(eps={self.eps:.5f}, steps={self.steps}, step_size={self.step_size:.5f})"
@@ -119,7 +126,7 @@ class UEraser:
     The step counter lives in the callable, so use one instance per training run.
     """
 
-    def __init__(self, repeats: int = 5, switch_step: int | None = None) -> None:
+    def __init__(self, repeats: int = 5, switch_step: int | None = None, accel: Accel | None = None) -> None:
         if int(repeats) != repeats or repeats < 1:
             raise UserError(f"UEraser repeats must be a positive integer, got {repeats!r}")
         if switch_step is not None and (int(switch_step) != switch_step or switch_step < 0):
@@ -127,6 +134,7 @@ class UEraser:
         self.repeats = int(repeats)
         self.switch_step = None if switch_step is None else int(switch_step)
         self.step = 0
+        self.accel = accel
         self._aug: dict[int, nn.Module] = {}
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,11 +156,12 @@ class UEraser:
             return self.augment(x)
         n = len(x)
         copies = self.augment(x.repeat(k, 1, 1, 1))  # k*n, independent random parameters per copy
+        acc = _accel(self.accel, x)
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), _autocast(x):
-                losses = F.cross_entropy(model(copies.contiguous(memory_format=torch.channels_last)),
+            with torch.no_grad(), acc.autocast(x.device):
+                losses = F.cross_entropy(model(copies.contiguous(memory_format=acc.memory_format)),
                                          y.repeat(k), reduction="none").float()
         finally:
             model.train(was_training)
