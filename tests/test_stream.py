@@ -348,3 +348,21 @@ def test_psnr_arrays_matches_the_in_memory_formula(tmp_path: Path) -> None:
     assert psnr_arrays(np.load(tmp_path / "a.npy", mmap_mode="r"), b, chunk_bytes=500) == pytest.approx(psnr(a, b))
     assert psnr_arrays(a, a) == float("inf")
 
+
+
+def test_a_bench_cell_given_two_processes_purifies_data_parallel(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """``resources: {nproc: 2}`` (or ``num_gpus: 2`` under Ray) runs the cell's D-VAE as two DDP ranks."""
+    import yaml
+
+    cfg = {"name": "t", "kind": "purify", "device": "cpu", "resources": {"num_cpus": 2, "nproc": 2},
+           "axes": {"dataset": ["synthetic:n=48,size=8,channels=3,classes=4,seed=0"], "attack": ["none"],
+                    "defense": [{"name": "dvae", "params": {"preset": "cpu", "width": 8, "latent": 8, "epochs": 1,
+                                                            "batch_size": 16}}], "model": ["tinycnn"]},
+           "train": {"preset": "smoke", "epochs": 1}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    rc, _, err = run_cli("bench", tmp_path / "g.yaml", tmp_path / "out", "--quiet")
+    assert rc == 0, err
+    (man,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "cells").glob("*/manifest.json")]
+    assert man["error"] is None, man["error"]
+    assert man["results"]["defense_info"]["distributed"]["world_size"] == 2
+    assert 0 <= man["results"]["final_acc"] <= 100

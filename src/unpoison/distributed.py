@@ -263,3 +263,33 @@ def _failure_line(failures: dict[int, Any], log_dir: Path, nproc: int) -> str | 
         return f"rank {f.local_rank}: {said.split(': error: ', 1)[-1]}"
     tail = f": {said}" if said else ""
     return f"{who} exited with code {f.exitcode}{tail}; the other ranks were stopped; {resume}"
+
+
+def purify_in_processes(method: str, params: dict[str, Any], x: Any, y: Any, nproc: int, workdir: str | Path,
+                        seed: int = 0, device: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """Purify ``x`` (uint8 NHWC, labels ``y``) with ``unpoison purify --nproc N`` in a child process: how a
+    benchmark cell given several GPUs (Ray's ``num_gpus``) trains data-parallel on all of them.
+
+    ``x`` and ``y`` go to an ``npy`` folder in ``workdir``; the purified images come back memory-mapped, with
+    the run's manifest statistics. Resumable: a cell run again continues from the checkpoints in ``workdir``."""
+    import json
+    import subprocess
+
+    import numpy as np
+
+    from .data import ImageDataset, load_dataset, save_dataset
+
+    work = Path(workdir)
+    src, out = work / "in", work / "out"
+    save_dataset(ImageDataset(np.asarray(x), np.asarray(y)), src, "npy", overwrite=True)
+    argv = ["purify", str(src), str(out), "--method", method, "--seed", str(seed), "--device", str(device),
+            "--quiet", "--resume", "--overwrite", "--nproc", str(nproc)]
+    for k, v in params.items():
+        if v is not None:
+            argv += [f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v)]
+    r = subprocess.run([sys.executable, "-m", "unpoison", *argv], capture_output=True, text=True)
+    if r.returncode:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        raise RuntimeError(f"purify --nproc {nproc} failed (exit {r.returncode}): {lines[-1] if lines else ''}")
+    stats = json.loads((work / "out.report" / "manifest.json").read_text())["stats"]
+    return load_dataset(out, mmap=True).x_train, stats

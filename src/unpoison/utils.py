@@ -104,6 +104,22 @@ def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
             np.save(f, arr)
 
 
+def move_file_atomic(src: str | Path, final: str | Path) -> None:
+    """Put a file of our own at ``final`` by a rename into the atomic write (a copy across file systems)."""
+    import errno
+    import os
+    import shutil
+
+    with atomic_path(final) as tmp:
+        try:
+            os.replace(src, tmp)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(src, tmp)
+            os.unlink(src)
+
+
 def manifest(command: str, config: dict[str, Any], seed: int, timings: dict[str, float],
              **extra: Any) -> dict[str, Any]:
     """The record every run writes: what ran, with which config, versions, seed and timings."""

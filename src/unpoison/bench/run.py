@@ -184,15 +184,26 @@ def kind_purify(ctx: CellContext) -> dict[str, Any]:
     from ..defenses import DEFENSES
 
     if d["name"] != "none" and d["name"] in DEFENSES:
-        pur = ctx.purifier()
-        with ctx.timer("purify"):
-            x_train = pur.fit_purify(x_p, ds.y_train)
-        out["defense_info"] = pur.info_
+        res = ctx.c.get("resources") or {}
+        nproc = int(res.get("nproc") or res.get("num_gpus") or 1)
+        if nproc > 1 and DEFENSES.get(d["name"]).supports_streaming:  # several GPUs: one data-parallel rank each
+            from ..distributed import purify_in_processes
+
+            with ctx.timer("purify"):
+                x_mm, info = purify_in_processes(d["name"], d["params"], x_p, ds.y_train, nproc, ctx.dir / "nproc",
+                                                    ctx.seed, str(ctx.device))
+            x_train, stages = np.array(x_mm), {}  # a cell's set is small: in memory for its PSNRs and grid
+        else:
+            pur = ctx.purifier()
+            with ctx.timer("purify"):
+                x_train = pur.fit_purify(x_p, ds.y_train)
+            info, stages = pur.info_, pur.stages_
+        out["defense_info"] = info
         out["psnr"] = psnr(x_p, x_train)
         out["psnr_clean"] = psnr(ds.x_train, x_train)
         from ..viz import residual_image
 
-        ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **pur.stages_, "purified": x_train,
+        ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **stages, "purified": x_train,
                        "residual": residual_image(x_p, x_train)},
                       f"{ctx.c['attack']['label']} / {d['label']}: PSNR {out['psnr']:.2f} dB")
     elif d["name"] != "none":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from .. import distributed
@@ -25,7 +26,7 @@ from ..data import load_dataset, save_dataset
 from ..defenses import DEFENSES, make_purifier
 from ..errors import UserError
 from ..stream import psnr_arrays
-from ..utils import Timer, manifest, save_npy_atomic, write_json
+from ..utils import Timer, manifest, move_file_atomic, save_npy_atomic, write_json
 from ..viz import residual_image, save_image_grid
 from ._common import (
     add_device_seed,
@@ -140,7 +141,11 @@ def _run(args: argparse.Namespace, ctx: distributed.DistContext, device: Any) ->
         save_dataset(out_ds, args.output, args.format, overwrite=args.overwrite)
     stats = {"psnr_input_output": psnr_arrays(ds.x_train, x_out), **purifier.info_}
     for k, arr in purifier.extras_.items():
-        save_npy_atomic(rdir / f"{k}.npy", arr)
+        own = getattr(purifier, "extra_files_", {}).get(k)  # a streamed array: its file is moved, not copied
+        if own is not None and Path(own).is_file():
+            move_file_atomic(own, rdir / f"{k}.npy")
+        else:
+            save_npy_atomic(rdir / f"{k}.npy", arr)
     g = _GRID
     rows = {"input": ds.x_train[:g], **{k: v[:g] for k, v in purifier.stages_.items()}, "output": x_out[:g],
             "residual (amplified)": residual_image(ds.x_train[:g], x_out[:g])}

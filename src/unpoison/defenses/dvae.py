@@ -604,6 +604,11 @@ class _AutoencoderPurifier(Purifier):
             return sink.result()
         return open_array(self._work_dir() / f"{name}.npy")
 
+    def _discard(self, name: str, files: bool) -> None:
+        """Remove a streamed intermediate (x1, x2) once no rank reads it: disk holds fewer copies of the set."""
+        if files and self.dist.main:
+            (self._work_dir() / f"{name}.npy").unlink(missing_ok=True)
+
     def _source(self, x: np.ndarray | torch.Tensor, streamed: bool) -> BatchSource:
         return make_source(x, self.device, stream=streamed)
 
@@ -758,6 +763,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         keep = None if not files else GRID_ROWS  # rows of each stage kept in memory for the report's grid
         accel = self.accel
         self.stages_, self.extras_ = {}, {}
+        self.extra_files_: dict[str, Path] = {}
         psnrs: dict[str, float] = {}
         sources: list[BatchSource] = []
 
@@ -775,6 +781,8 @@ class DVAEPurifier(_AutoencoderPurifier):
                 x1_arr = self._result(out["x1"], "x1")
                 self.extras_["p_hat"] = _nhwc_rows(self._result(out["p_hat"], "p_hat"))
                 self.stages_["after stage 1"] = _nhwc_rows(x1_arr, keep)
+                if files:
+                    self.extra_files_ = {"p_hat": self._work_dir() / "p_hat.npy"}
                 x1 = source(x1_arr)
                 psnrs["stage1_x0_x1"] = self._psnr(x0, x1)
             m2 = self.models_["stage2"]
@@ -786,7 +794,8 @@ class DVAEPurifier(_AutoencoderPurifier):
                 x2_arr = self._result(out["x2"], "x2")
                 self.stages_["after stage 2 subtraction"] = _nhwc_rows(x2_arr, keep)
                 x2 = source(x2_arr)
-                psnrs["stage2_x1_x2"] = self._psnr(x1, x2)
+                psnrs["stage2_x1_x2"] = self._psnr(x1, x2)  # every rank is done with x1 after its all-reduce
+                self._discard("x1", files)
             with self._outputs({"purified": np.uint8}, shape, files) as out:
                 _infer_to(m2, x2, yt, accel, lambda o, xb: {"purified": o["x_hat"]},
                           {"purified": (out["purified"], _to_u8)}, self.dist)
@@ -794,6 +803,7 @@ class DVAEPurifier(_AutoencoderPurifier):
             x3 = source(x3_arr)
             psnrs["stage2_x2_x3"] = self._psnr(x2, x3)
             psnrs["total_x0_x3"] = self._psnr(x0, x3)
+            self._discard("x2", files)
         finally:
             for s in sources:
                 s.close()
