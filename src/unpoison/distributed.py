@@ -3,9 +3,10 @@
 A command started by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
 rendezvous address) joins the process group in :func:`init`: NCCL with device ``cuda:LOCAL_RANK``
 on GPUs, gloo on the CPU. Collectives time out after ``timeout_s`` (a lost host ends the job with an
-error instead of a hang); on one machine ``torchrun`` itself stops the other ranks as soon as one
-dies. Outside ``torchrun`` everything here is a no-op on a one-process :data:`SINGLE` context, so
-library code calls the same methods either way.
+error instead of a hang: gloo raises, NCCL's watchdog aborts the rank, ``TORCH_NCCL_ASYNC_ERROR_HANDLING``
+being on by default); on one machine ``torchrun`` itself stops the other ranks as soon as one dies.
+Outside ``torchrun`` everything here is a no-op on a one-process :data:`SINGLE` context, so library
+code calls the same methods either way.
 
 :func:`launch` is ``unpoison purify --nproc N``: it runs ``torch.distributed.run`` (standalone
 rendezvous, no restarts) on this machine, shows rank 0's output, keeps the other ranks' in log files,

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if args.nproc < 1:
             raise UserError(f"--nproc must be >= 1, got {args.nproc}")
         if args.nproc > 1:
+            if not DEFENSES.get(args.method).supports_streaming:
+                raise UserError(f"--method {args.method} runs in one process; drop --nproc")
             check_dataset_output(args.output, args.input, args.overwrite)  # refused before any process starts
             return distributed.launch(args.nproc, list(getattr(args, "argv", [])), "unpoison purify")
     if not 1 <= args.dist_timeout <= 7 * 86400:

@@ -480,6 +480,7 @@ class _AutoencoderPurifier(Purifier):
         self.history_: dict[str, list[dict[str, float]]] = {}
         self.plan_: dict[str, Any] = {}
         self._tmp: Path | None = None
+        self._work: Path | None = None
 
     def _labels(self, y: np.ndarray | None, fitting: bool) -> torch.Tensor | None:
         if y is None:
@@ -499,7 +500,9 @@ class _AutoencoderPurifier(Purifier):
         cfg = {"method": self.name, "seed": self.seed, **asdict(self.config)}
         cfg.pop("infer_batch")
         cfg.pop("compile")
-        fp = hashlib.sha256((json.dumps(cfg, sort_keys=True) + data_fingerprint(x, y)).encode()).hexdigest()
+        data = data_fingerprint(x, y) if self.dist.main else None  # one pass over the data, not one per rank
+        data = self.dist.broadcast_object(data)
+        fp = hashlib.sha256((json.dumps(cfg, sort_keys=True) + data).encode()).hexdigest()
         return fp, cfg
 
     def _checkpointer(self, fp: str, cfg_json: dict[str, Any]) -> Checkpointer:
@@ -529,18 +532,22 @@ class _AutoencoderPurifier(Purifier):
 
     def _work_dir(self) -> Path:
         """Where stage images are written as ``.npy`` files: ``checkpoint_dir``, else ``scratch_dir``, else a
-        temporary folder of rank 0's (shared with the other ranks by its path) removed by :meth:`close`."""
+        temporary folder of rank 0's (shared with the other ranks by its path) removed by :meth:`close`.
+
+        The first call is collective (rank 0 makes the folder, every rank waits for it): every rank makes
+        it at the same point; later calls return the same path without communicating."""
+        if self._work is not None:
+            return self._work
         base = self.checkpoint_dir or self.scratch_dir
         if base:
-            d = Path(base)
             if self.dist.main:
-                d.mkdir(parents=True, exist_ok=True)
+                Path(base).mkdir(parents=True, exist_ok=True)
             self.dist.barrier()
-            return d
-        if self._tmp is None:
+            self._work = Path(base)
+        else:
             made = tempfile.mkdtemp(prefix="unpoison-dvae-") if self.dist.main else None
-            self._tmp = Path(self.dist.broadcast_object(made))
-        return self._tmp
+            self._work = self._tmp = Path(self.dist.broadcast_object(made))
+        return self._work
 
     #: files ``transform`` writes into :meth:`_work_dir` when streaming (removed by :meth:`close`)
     OUTPUTS = ("x1", "p_hat", "x2", "purified")
@@ -554,7 +561,7 @@ class _AutoencoderPurifier(Purifier):
             elif self.checkpoint_dir or self.scratch_dir:
                 for name in self.OUTPUTS:
                     (Path(self.checkpoint_dir or self.scratch_dir) / f"{name}.npy").unlink(missing_ok=True)  # type: ignore[arg-type]
-        self._tmp = None
+        self._tmp = self._work = None
 
     @contextlib.contextmanager
     def _npy_output(self, path: Path, shape: tuple[int, ...], dtype: Any) -> Iterator[NpySink]:
@@ -606,8 +613,8 @@ class _AutoencoderPurifier(Purifier):
 
     def _discard(self, name: str, files: bool) -> None:
         """Remove a streamed intermediate (x1, x2) once no rank reads it: disk holds fewer copies of the set."""
-        if files and self.dist.main:
-            (self._work_dir() / f"{name}.npy").unlink(missing_ok=True)
+        if files and self.dist.main and self._work is not None:
+            (self._work / f"{name}.npy").unlink(missing_ok=True)
 
     def _source(self, x: np.ndarray | torch.Tensor, streamed: bool) -> BatchSource:
         return make_source(x, self.device, stream=streamed)
