@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,7 +64,7 @@ sys.exit(rc)
 """
 
 PURIFY = ["--method", "dvae", "--preset", "imagenet", "--width", "4", "--latent", "16", "--epochs", "1",
-          "--batch-size", "32", "--device", "cpu", "--quiet", "--seed", "0"]
+          "--batch-size", "32", "--device", "cpu", "--seed", "0"]
 
 
 def env() -> dict[str, str]:
@@ -138,6 +139,8 @@ def purify(src: Path, out: Path, budget: str, cap_s: float | None = None, extra:
     stat = out.with_name(out.name + ".vm.json")
     cmd = [sys.executable, "-c", WRAP, str(stat), "purify", str(src), str(out), *PURIFY, "--memory-budget", budget,
            *(extra or [])]
+    if cap_s is None:
+        cmd.append("--quiet")  # a capped run keeps its progress bar: how far it got is read from it
     t0 = time.time()
     load0 = loadavg()
     p = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -155,12 +158,15 @@ def purify(src: Path, out: Path, budget: str, cap_s: float | None = None, extra:
     stop.set()
     th.join()
     vm = json.loads(stat.read_text()) if stat.exists() else {}
+    bars = re.findall(r"(stage\d) epoch \d+/\d+:[^\r\n]*?(\d+)/(\d+) \[", se)
     ck = out.with_name(out.name + ".report") / "checkpoints"
     rec = {"images": int(np.load(src / "x_train.npy", mmap_mode="r").shape[0]), "budget": budget,
            "seconds": time.time() - t0, "rc": p.returncode, "stopped_at_cap": stopped, "peak_rss": vm.get("VmHWM"),
            "peak_rss_anon_sampled": peaks.get("RssAnon"), "peak_rss_file_sampled": peaks.get("RssFile"),
-           "load_before": load0, "load_after": loadavg(), "stdout": so.strip()[-400:], "stderr": se.strip()[-400:],
-           "checkpoints": sorted(f.name for f in ck.iterdir()) if ck.is_dir() else []}
+           "load_before": load0, "load_after": loadavg(), "stdout": so.strip()[-400:],
+           "stderr": se.strip().split("\r")[-1][-400:],
+           "checkpoints": sorted(f.name for f in ck.iterdir()) if ck.is_dir() else [],
+           "progress": f"{bars[-1][0]}: {bars[-1][1]} of {bars[-1][2]} batches" if bars else None}
     print(json.dumps({k: v for k, v in rec.items() if k not in ("stdout",)}), flush=True)
     return rec
 
@@ -235,12 +241,26 @@ def report(res: dict[str, Any], path: Path) -> None:
         for name, r in pur.items():
             data = r["images"] * 224 * 224 * 3
             path_ = "streamed" if "streaming" in r["stdout"] else "resident" if "resident" in r["stdout"] else "?"
-            fin = "yes" if r["rc"] == 0 else f"stopped at {r['seconds']:.0f} s (cap)" if r["stopped_at_cap"] else \
-                f"failed rc {r['rc']}"
+            fin = "yes" if r["rc"] == 0 else f"stopped at the cap ({r.get('progress') or 'progress unknown'})" \
+                if r["stopped_at_cap"] else f"failed rc {r['rc']}"
             lines.append(f"| {name} | {r['images']} | {gib(data)} | {r['budget']} | {path_} | {fin} | "
                          f"{r['seconds']:.0f} | {gib(r['peak_rss'] or 0)} | {gib(r['peak_rss_anon_sampled'] or 0)} | "
                          f"{gib(r['peak_rss_file_sampled'] or 0)} | {r['load_before']} / {r['load_after']} |")
         lines.append("")
+        foot = next((r for k, r in pur.items() if k.startswith("model footprint")), None)
+        whole = next((r for k, r in pur.items() if k.startswith("whole set")), None)
+        if foot and whole and foot.get("peak_rss") and whole.get("peak_rss"):
+            lines += [f"Peak RSS streaming the whole set ({gib(whole['images'] * 224 * 224 * 3)} of images) minus the "
+                      f"model footprint ({foot['images']} images, same settings): "
+                      f"**{(whole['peak_rss'] - foot['peak_rss']) / (1 << 30):+.2f} GiB** (target: <= 1.5 GB).", ""]
+            m = re.match(r"stage1: (\d+) of (\d+)", whole.get("progress") or "")
+            if m:
+                rate = int(m[1]) * 32 / whole["seconds"]
+                hours = (2 * whole["images"] / rate + 4 * whole["images"] / (2 * rate)) / 3600
+                lines += [f"The capped run trained {int(m[1]) * 32} images in {whole['seconds']:.0f} s (fingerprint "
+                          f"included): ~{rate:.1f} images/s, so one complete epoch per stage plus the four "
+                          f"inference passes would take ~{hours:.0f} hours on this CPU (inference measured at about "
+                          "twice the training rate).", ""]
     ident = res.get("identical")
     if ident:
         lines += [f"**Bit-identity** ({ident['images']} images): streamed and resident outputs identical: "

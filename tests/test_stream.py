@@ -369,3 +369,11 @@ def test_a_bench_cell_given_two_processes_purifies_data_parallel(tmp_path: Path,
     assert man["error"] is None, man["error"]
     assert man["results"]["defense_info"]["distributed"]["world_size"] == 2
     assert 0 <= man["results"]["final_acc"] <= 100
+
+
+def test_inference_batch_scales_with_image_size() -> None:
+    """The default inference batch holds as many pixels as 256 CIFAR images (CPU), not 256 images of any size."""
+    p = DVAEPurifier(preset="cpu", device="cpu")
+    assert p._infer_accel((32, 32, 3)).infer_batch == 256 and p._infer_accel((28, 28, 1)).infer_batch == 256
+    assert p._infer_accel((224, 224, 3)).infer_batch == 5
+    assert DVAEPurifier(preset="cpu", device="cpu", infer_batch=64)._infer_accel((224, 224, 3)).infer_batch == 64

@@ -466,6 +466,7 @@ class _AutoencoderPurifier(Purifier):
         self.device = pick_device(device)
         #: speed switches of training and inference (default: this config's on this device)
         self.accel = accel or dvae_accel(self.config, self.device)
+        self._batch_given = accel is not None or bool(self.config.infer_batch)
         self.seed = int(seed)
         self.dist = dist or SINGLE
         self.progress = progress and self.dist.main
@@ -611,6 +612,16 @@ class _AutoencoderPurifier(Purifier):
             return sink.result()
         return open_array(self._work_dir() / f"{name}.npy")
 
+    def _infer_accel(self, hw: tuple[int, ...]) -> Accel:
+        """The switches for inference on ``hw`` images: the default batch (256 images on CPU, 1024 on CUDA) is
+        sized for 32x32; larger images get as many pixels a batch, not as many images (at 224x224 the
+        256-image batch held ~6 GiB of activations on CPU: docs/results/stream_scale.md). A batch given
+        (``infer_batch``, or an ``accel``) is kept."""
+        if self._batch_given:
+            return self.accel
+        per = max(1, self.accel.infer_batch * 32 * 32 // max(1, int(hw[0]) * int(hw[1])))
+        return self.accel.with_(infer_batch=min(self.accel.infer_batch, per))
+
     def _discard(self, name: str, files: bool) -> None:
         """Remove a streamed intermediate (x1, x2) once no rank reads it: disk holds fewer copies of the set."""
         if files and self.dist.main and self._work is not None:
@@ -622,7 +633,7 @@ class _AutoencoderPurifier(Purifier):
     def _psnr(self, a: BatchSource, b: BatchSource) -> float:
         """PSNR (dB) between two uint8 sources, accumulated batch by batch (every rank its share)."""
         sse = torch.zeros(2, dtype=torch.float64, device=self.device)
-        ranges = shard_ranges(len(a), self.accel.infer_batch, self.dist.rank, self.dist.world)
+        ranges = shard_ranges(len(a), self._infer_accel(a.hwc).infer_batch, self.dist.rank, self.dist.world)
         for (_, xa), (_, xb) in zip(a.ranges(ranges), b.ranges(ranges)):
             d = (xa.double() - xb.double()) / 255.0
             sse += torch.stack([d.pow(2).sum(), torch.tensor(float(d.numel()), dtype=torch.float64,
@@ -735,11 +746,11 @@ class DVAEPurifier(_AutoencoderPurifier):
         fn: InferFn = lambda o, xb: {"x1": xb - o["p_hat"]}  # noqa: E731
         if path is None and not streamed and not self.dist.active:
             sink = TensorSink(len(x0))
-            _infer_to(m1, x0, yt, self.accel, fn, {"x1": (sink, _to_u8)})
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), fn, {"x1": (sink, _to_u8)})
             return ResidentSource(sink.result())
         path = path or self._work_dir() / "stage1_images.npy"
         with self._npy_output(path, shape, np.uint8) as out:
-            _infer_to(m1, x0, yt, self.accel, fn, {"x1": (out, _to_u8)}, self.dist)
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), fn, {"x1": (out, _to_u8)}, self.dist)
         ckpt.mark_images("stage1_images", shape)
         return self._source(open_array(path), streamed)
 
@@ -756,7 +767,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
         x_u8 = to_device_images(xx, self.device)
-        p = _infer(self.models_[stage], x_u8, yy, self.accel, lambda o, xb: o["p_hat"] * 255)
+        p = _infer(self.models_[stage], x_u8, yy, self._infer_accel(xx.shape[1:]), lambda o, xb: o["p_hat"] * 255)
         return _nhwc(p.half())
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -768,7 +779,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         files = streamed or self.dist.active
         shape = tuple(x.shape)
         keep = None if not files else GRID_ROWS  # rows of each stage kept in memory for the report's grid
-        accel = self.accel
+        accel = self._infer_accel(x.shape[1:])
         self.stages_, self.extras_ = {}, {}
         self.extra_files_: dict[str, Path] = {}
         psnrs: dict[str, float] = {}
@@ -849,7 +860,8 @@ class _ReconstructionPurifier(_AutoencoderPurifier):
         x0 = self._source(x, streamed)
         try:
             with self._outputs({"purified": np.uint8}, tuple(x.shape), streamed or self.dist.active) as out:
-                _infer_to(self.models_[self.name], x0, None, self.accel, lambda o, xb: {"purified": o["x_hat"]},
+                _infer_to(self.models_[self.name], x0, None, self._infer_accel(x0.hwc),
+                          lambda o, xb: {"purified": o["x_hat"]},
                           {"purified": (out["purified"], _to_u8)}, self.dist)
             res = self._result(out["purified"], "purified")
             x3 = self._source(res, streamed)
