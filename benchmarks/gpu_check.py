@@ -253,7 +253,7 @@ def sec_two_stage(c: Ctx) -> None:
         est += times[0] + (full_epochs - 1) * steady
     c.out.update({"n": s.two_stage_n, "epochs_run": s.two_stage_epochs, "epochs_preset": full_epochs,
                   "fit_s": fit_s, "transform_s": infer_s, "epoch_s": epochs, "extrapolated_total_s": est,
-                  "peak_gib": c.peak_gib(), "accel": pur.accel.to_dict(), "psnr_db": pur.info_.get("psnr_db")})
+                  "peak_gib": c.peak_gib(), "accel": pur.accel_.to_dict(), "psnr_db": pur.info_.get("psnr_db")})
 
 
 def sec_scoring(c: Ctx) -> None:

@@ -179,6 +179,7 @@ import torch.multiprocessing as mp
 def run(rank, world, port, n, epochs, seed, out):
     from unpoison import distributed
     from unpoison.data import load_dataset
+    import functools
     from unpoison.defenses.dvae import Checkpointer, DVAEConfig, train_autoencoder
     from unpoison.models.dvae import DVAE, dvae_loss
     from unpoison.stream import make_source
@@ -191,9 +192,13 @@ def run(rank, world, port, n, epochs, seed, out):
     ds = load_dataset("fmnist").subset(n, 10, seed=0)
     cfg = DVAEConfig.preset("cpu", epochs=epochs)
     torch.manual_seed(1000 + seed)
-    m = DVAE(1, (28, 28), 10, cfg.width, cfg.latent, cfg.downsample1)
+    m = DVAE(1, (28, 28), 10, cfg.width1 or cfg.width, cfg.latent, cfg.downsample1, p_input=cfg.p_input,
+             embedding=cfg.embedding, embed_std=cfg.embed_std)  # stage 1 as DVAEPurifier builds it
+    loss = functools.partial(dvae_loss, form=cfg.loss_form, p_cap=cfg.p_cap or None, rec_weight=cfg.rec_weight,
+                             detach_residual=cfg.detach_residual)
+    cfg.kld_weight = cfg.kld_weight1 or cfg.kld_weight
     t = time.time()
-    h = train_autoencoder(m, dvae_loss, make_source(ds.x_train, dev, stream=False), torch.as_tensor(ds.y_train), cfg,
+    h = train_autoencoder(m, loss, make_source(ds.x_train, dev, stream=False), torch.as_tensor(ds.y_train), cfg,
                           cfg.kld_limit1, "stage1", seed, Checkpointer(None, "x", {}, False), False, dist=ctx)
     if ctx.main:
         json.dump({"history": h, "seconds": time.time() - t}, open(out, "w"))
@@ -248,6 +253,8 @@ def report(res: dict[str, Any], path: Path) -> None:
                          f"{gib(r['peak_rss_file_sampled'] or 0)} | {r['load_before']} / {r['load_after']} |")
         lines.append("")
         foot = next((r for k, r in pur.items() if k.startswith("model footprint")), None)
+        if foot is None:  # no separate footprint run: the complete streamed run of the small set is one
+            foot = next((r for k, r in pur.items() if k.endswith("images, streamed") and r["rc"] == 0), None)
         whole = next((r for k, r in pur.items() if k.startswith("whole set")), None)
         if foot and whole and foot.get("peak_rss") and whole.get("peak_rss"):
             lines += [f"Peak RSS streaming the whole set ({gib(whole['images'] * 224 * 224 * 3)} of images) minus the "

@@ -42,3 +42,24 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
         return rc, out, err
 
     return run
+
+
+# --- the suite's last line: how many real-data tests were skipped, and why (``make test`` relies on it) -----
+_REAL_DATA_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "fashion-mnist" in str(report.longrepr).lower():
+        why = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        _REAL_DATA_SKIPS.append(str(why))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None or config.getoption("collectonly", False):
+        return
+    if _REAL_DATA_SKIPS:
+        reason = _REAL_DATA_SKIPS[0].removeprefix("Skipped: ")
+        tr.write_line(f"real-data tests: {len(_REAL_DATA_SKIPS)} SKIPPED ({reason}; install it with 'make data')")
+    else:
+        tr.write_line("real-data tests: none skipped")

@@ -27,9 +27,12 @@ from unpoison.train import TrainConfig, train_classifier
 from unpoison.utils import psnr
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One thread: CPU runs are bit-reproducible, so each test sees exactly the gap measured for it."""
+    """One thread: CPU runs are bit-reproducible, so each test sees exactly the gap measured for it.
+
+    Module scope on purpose: the module-scoped references below must run under it too (a function-scoped
+    autouse fixture is set up after them, so CI's many-core reference differed from the one-thread run)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -81,8 +84,10 @@ def poisoned(n: int = 64, size: int = 16, k: int = 4, seed: int = 0) -> tuple[np
 def dvae_run(accel: Accel, seed: int = 0, width: int = 8, n: int = 64, size: int = 16, epochs: int = 2,
              batch: int = 32) -> tuple[np.ndarray, dict[str, list[float]], DVAEPurifier]:
     x, y = poisoned(n, size, seed=seed)
-    pur = DVAEPurifier(preset="cpu", width=width, latent=8, batch_size=batch, epochs=epochs, device="cpu", seed=seed,
-                       progress=False, accel=accel)
+    # width1=0: both stages at ``width`` (the setting the tolerances were measured with; stage 2 reuses stage 1's
+    # compiled graphs)
+    pur = DVAEPurifier(preset="cpu", width=width, width1=0, latent=8, batch_size=batch, epochs=epochs, device="cpu",
+                       seed=seed, progress=False, accel=accel)
     out = pur.fit_purify(x, y)
     return out, {k: [h["loss"] for h in v] for k, v in pur.history_.items()}, pur
 
@@ -93,17 +98,20 @@ def dvae_reference() -> tuple[np.ndarray, dict[str, list[float]]]:
     return out, hist
 
 
-# measured max over seeds 0-5 (stage-1 gap / stage-2 gap / lowest PSNR of the output vs fp32, dB):
-#   bf16           6.6e-3 / 1.5e-2 / 24.9     -> tolerances 2e-2 / 5e-2 / 18
-#   fused_adam     6.0e-8 / 8.5e-4 / 54.7     -> 1e-6 / 3e-3 / 40
-#   channels_last  1.2e-3 / 1.7e-2 / 31.1     -> 5e-3 / 5e-2 / 24
-#   infer_batch=7  0      / 6.3e-4 / 44.5     -> 0    / 2e-3 / 35
+# measured max over seeds 0-5 (stage-1 gap / stage-2 gap / lowest PSNR of the output vs fp32, dB), with the
+# class-only D_p model and the per-epoch, per-rank sampling generators of the streamed/DDP loop
+# (dvae_run below, seeds 0-5, at the issue-14 merge; the earlier table predates both and seed 0 of the new draws
+# exceeded its bf16 bounds):
+#   bf16           6.2e-2 / 5.7e-2 / 19.8     -> tolerances 1.5e-1 / 1.5e-1 / 15
+#   fused_adam     5.3e-8 / 1.3e-7 / 84.3     -> 1e-6 / 3e-3 / 40
+#   channels_last  6.9e-3 / 8.6e-3 / 31.8     -> 2e-2 / 5e-2 / 24
+#   infer_batch=7  0      / 0      / 90.3     -> 0    / 2e-3 / 35
 # Stage 2 trains on stage 1's output rounded to uint8, so any change there is amplified: a different
 # inference batch alone (same weights) moves a few pixels of x1 by one grey level.
 DVAE_CASES = {
-    "bf16": (Accel(bf16=True), 2e-2, 5e-2, 18.0),
+    "bf16": (Accel(bf16=True), 1.5e-1, 1.5e-1, 15.0),
     "fused_adam": (Accel(fused_adam=True), 1e-6, 3e-3, 40.0),
-    "channels_last": (Accel(channels_last=True), 5e-3, 5e-2, 24.0),
+    "channels_last": (Accel(channels_last=True), 2e-2, 5e-2, 24.0),
     "infer_batch": (Accel(infer_batch=7), 0.0, 2e-3, 35.0),
 }
 

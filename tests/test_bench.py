@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -89,14 +90,21 @@ def test_shipped_configs_expand_and_presets_validate() -> None:
             cells = expand(load_config(name, preset))
             assert cells and len({c.key for c in cells}) == len(cells)
     t2 = expand(load_config("table2", "paper"))
-    assert len(t2) == 9 * 8  # 9 attack rows x 8 defense columns, as in the paper
+    purify = [c for c in t2 if c.config["kind"] == "purify"]
+    assert len(purify) == 9 * 8  # 9 attack rows x 8 defense columns, as in the paper
+    # AVATAR has no checkpoint in the config: one dependency cell trains its DDPM, and the AVATAR cells need it
+    deps = [c for c in t2 if c.config["kind"] == "train-diffusion"]
+    assert len(deps) == 1 and deps[0].config["diffusion"] == {"preset": "paper"}
+    avatar = [c for c in purify if c.config["defense"]["name"] == "avatar"]
+    assert len(avatar) == 9 and all(c.config["needs"] == [deps[0].key] for c in avatar)
+    assert all("needs" not in c.config for c in purify if c.config["defense"]["name"] != "avatar")
     assert fingerprint(t2) == fingerprint(expand(load_config("table2", "paper")))
     assert fingerprint(t2) != fingerprint(expand(load_config("table2", "cpu")))
 
 
 def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path: Path, plugin: str) -> None:
     cfg = write_cfg(tmp_path / "g.yaml", plugin, ["test-fail", "none", {"name": "jpeg", "params": {"quality": 30}}])
-    counts = run_grid(str(cfg), tmp_path / "out", progress=False)
+    counts = run_grid(str(cfg), tmp_path / "out", progress=False, allow_plugins=True)
     assert counts["failed"] == 1 and counts["done"] == 2
     r = rows(tmp_path / "out")
     assert "RuntimeError: deliberate failure" in r["test-fail"]["error"]
@@ -110,7 +118,7 @@ def test_resume_after_grid_killed_mid_cell(tmp_path: Path, plugin: str) -> None:
     cfg = write_cfg(tmp_path / "g.yaml", plugin, ["none", "test-crash", "gray"])
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", "import sys; from unpoison.cli import main; sys.exit(main())", "bench", str(cfg),
-           str(out), "--quiet"]
+           str(out), "--quiet", "--allow-plugins"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert first.returncode == -9, first.stderr[-500:]  # the whole grid died inside the second cell
     r = rows(out)
@@ -134,7 +142,7 @@ def test_ray_executor_runs_two_cells(tmp_path: Path, plugin: str) -> None:
         pytest.skip(f"Ray cannot start here: {e}")
     try:
         cfg = write_cfg(tmp_path / "g.yaml", plugin, ["none", "test-fail"])
-        counts = run_grid(str(cfg), tmp_path / "out", executor="ray", progress=False)
+        counts = run_grid(str(cfg), tmp_path / "out", executor="ray", progress=False, allow_plugins=True)
     finally:
         ray.shutdown()
     assert counts["done"] == 1 and counts["failed"] == 1
@@ -161,7 +169,7 @@ def test_report_from_fixture_store(tmp_path: Path) -> None:
     assert main(["report", str(tmp_path)]) == 0
     rdir = tmp_path / "report"
     md = (rdir / "report.md").read_text()
-    assert "| attack \\ defense | none | JPEG-10 | dvae |" in md
+    assert "| attack \\\\ defense | none | JPEG-10 | dvae |" in md  # markup escaped: renders as one backslash
     assert "10.00 (94.57)" in md  # clean/none: ours beside the paper's CIFAR-10 number
     assert "(91.42)" in md and "failed" in md and "ValueError: boom" in md
     csvs = sorted(p.name for p in (rdir / "tables").glob("*.csv"))
@@ -190,7 +198,7 @@ def test_theorem2_holds_numerically() -> None:
 def test_bad_inputs_one_line_exit_2_store_untouched(tmp_path: Path, plugin: str, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     bad = write_cfg(tmp_path / "bad.yaml", plugin, ["no-such-defense"])
-    assert main(["bench", str(bad), str(out), "--quiet"]) == 2
+    assert main(["bench", str(bad), str(out), "--quiet", "--allow-plugins"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown defense 'no-such-defense'" in err and not out.exists()
     bad.write_text(yaml.safe_dump({"axes": {"attack": ["nope"]}}))
@@ -209,7 +217,7 @@ def test_bad_inputs_one_line_exit_2_store_untouched(tmp_path: Path, plugin: str,
     before = db.read_bytes()
     other = write_cfg(tmp_path / "other.yaml", plugin, ["none"])
     capsys.readouterr()
-    assert main(["bench", str(other), str(out), "--quiet"]) == 2
+    assert main(["bench", str(other), str(out), "--quiet", "--allow-plugins"]) == 2
     assert "another grid" in capsys.readouterr().err and db.read_bytes() == before
     con = sqlite3.connect(db)
     con.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
@@ -241,3 +249,224 @@ def test_smoke_preset_of_table2_runs(tmp_path: Path) -> None:
     finally:
         r.close()
     assert (tmp_path / "report" / "index.html").exists()
+
+
+# --- every kind, the multi-process executor, content keys, plugins, the check, the report's escaping --------
+TINY = "synthetic:n=48,size=8,channels=3,classes=4,seed=0"
+
+
+def test_every_kind_runs_in_worker_processes(tmp_path: Path) -> None:
+    """One grid with a cell of each data kind, run by the local executor in two spawned worker processes."""
+    cfg = {"name": "kinds", "axes": {"dataset": [TINY], "kind": ["purify", "disentangle-check", "detect", "partial",
+                                                                  "amplify"],
+                                     "attack": ["lsp"], "defense": ["dvae"], "ratio": [0.5], "model": ["tinycnn"]},
+           "train": {"preset": "smoke", "epochs": 1}, "defense_params": {"dvae": {"preset": "cpu", "epochs": 1}}}
+    path = tmp_path / "kinds.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    counts = run_grid(str(path), out, workers=2, progress=False)
+    s = Store.open_existing(out)
+    try:
+        recs = {r["kind"]: r for r in s.rows()}
+    finally:
+        s.close()
+    assert counts["done"] == 5 and counts["failed"] == 0, {k: r["error"] for k, r in recs.items()}
+    res = {k: r["results"] for k, r in recs.items()}
+    assert 0 <= res["purify"]["final_acc"] <= 100 and res["purify"]["psnr"] > 5
+    assert {"acc_clean_train", "acc_clean_test", "acc_poisoned_train"} <= set(res["disentangle-check"])
+    # purifying cells measure every stage against the clean images they poisoned themselves
+    for k in ("purify", "disentangle-check"):
+        rep = res[k]["disentangle"]
+        assert list(rep["all"]["stages"]) == ["input", "after stage 1", "after stage 2 subtraction", "output"]
+        # the grid's ratio 0.5 poisons half: corr is defined on those 24, and they get their own block
+        assert rep["all"]["p_hat"]["corr"]["n"] == 24 and rep["subset"]["n"] == 24
+        assert res[k]["stage1_corr"] == rep["all"]["p_hat"]["corr"]["mean"]
+        assert res[k]["stage1_energy_removed"] == rep["all"]["p_hat"]["energy_removed"]
+        assert (out / "cells" / recs[k]["cell_id"] / "residual.png").exists()
+    # partial poisoning (ratio 0.5): the poisoned half measured on its own
+    assert res["partial"]["disentangle"]["subset"]["n"] == 24 and res["partial"]["disentangle"]["poisoned"]["partial"]
+    assert res["detect"]["n_poisoned"] == 24 and 0 <= res["detect"]["recall"] <= 1  # ratio 0.5 of 48
+    assert res["partial"]["detect_first"] is True and 0 <= res["partial"]["n_purified"] <= 48
+    assert res["amplify"]["n_poisoned"] == 24 and "acc_small_poison_only" in res["amplify"]
+    pids = {r["manifest"]["pid"] for r in recs.values()}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # ran in the workers, not in this process
+    assert main(["report", str(out)]) == 0
+    csvs = {p.name.split("-")[0] for p in (out / "report" / "tables").glob("*.csv")}
+    assert {"table1", "table7", "table8", "amplify", "disentangle", "stage1", "stages"} <= csvs
+
+
+def _npz_dataset(path: Path, seed: int) -> None:
+    from unpoison.data import ImageDataset, make_synthetic, save_dataset
+
+    ds = make_synthetic(n=48, size=8, channels=3, classes=4, seed=0)
+    x = ds.x_train.copy()
+    if seed:  # the same shape and labels, other images
+        x = np.roll(x, seed, axis=2)
+    save_dataset(ImageDataset(x, ds.y_train, ds.x_test, ds.y_test), path, overwrite=True)
+
+
+def test_changed_content_at_same_path_recomputes_cells_and_poisons(tmp_path: Path) -> None:
+    data = tmp_path / "d.npz"
+    _npz_dataset(data, 0)
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(yaml.safe_dump({"axes": {"dataset": [str(data)], "attack": ["lsp"], "defense": ["none", "gray"],
+                                            "model": ["tinycnn"]}, "train": {"preset": "smoke", "epochs": 1}}))
+    out = tmp_path / "out"
+    assert run_grid(str(cfg), out, progress=False)["done"] == 2
+    first = {r["key"]: r for r in Store.open_existing(out).rows()}
+    poisons = set((out / "cache" / "attacks").glob("*.npz"))
+    assert len(poisons) == 1
+    run_grid(str(cfg), out, progress=False)  # same content: nothing reruns
+    again = {r["key"]: r for r in Store.open_existing(out).rows()}
+    assert all(again[k]["attempts"] == 1 and again[k]["finished"] == first[k]["finished"] for k in first)
+    _npz_dataset(data, 3)  # replaced at the same path
+    assert run_grid(str(cfg), out, progress=False)["done"] == 2
+    third = {r["key"]: r for r in Store.open_existing(out).rows()}
+    assert all(third[k]["attempts"] == 2 and third[k]["data_digest"] != first[k]["data_digest"] for k in first)
+    new = set((out / "cache" / "attacks").glob("*.npz")) - poisons
+    assert len(new) == 1  # a new poison, keyed by the new content; the old one was not reused
+    x_new = _load_x(data).astype(int)
+    with np.load(next(iter(new))) as z, np.load(next(iter(poisons))) as old:
+        # the new poison was made from the new images (a small perturbation of them); the old one was not
+        assert np.abs(z["x"].astype(int) - x_new).mean() < 10 < np.abs(old["x"].astype(int) - x_new).mean()
+
+
+def _load_x(path: Path) -> np.ndarray:
+    from unpoison.data import load_dataset
+
+    return load_dataset(path).x_train
+
+
+def test_plugins_run_only_with_allow_plugins(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "ran"
+    plug = tmp_path / "evil.py"
+    plug.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(yaml.safe_dump({"plugins": [str(plug)], "kind": "theorem2", "axes": {"seed": [0]}}))
+    out = tmp_path / "out"
+    assert main(["bench", str(cfg), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--allow-plugins" in err and "Python code" in err
+    assert main(["bench", str(cfg), "--check"]) == 2
+    assert not marker.exists() and not out.exists()
+    with pytest.raises(UserError, match="allow-plugins"):
+        run_grid(str(cfg), out, progress=False)
+    assert main(["bench", str(cfg), str(out), "--quiet", "--allow-plugins"]) == 0 and marker.exists()
+
+
+def test_check_lists_every_problem_and_a_run_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "axes": {"dataset": [TINY], "model": ["tinycnn"],
+                 "attack": ["none", {"name": "em", "params": {"roundz": 3}}, {"name": "em", "params":
+                                                                             {"surrogate": "nonet"}, "label": "em2"}],
+                 "defense": ["none", "avatar", {"name": "avatar", "params": {"checkpoint": str(tmp_path / "no.pt")},
+                                                "label": "avatar-file"},
+                             {"name": "dvae", "params": {"downsample1": 16}, "label": "dvae-big"}]},
+        "train": {"preset": "smoke", "epoch": 4}, "params": {"no_such": 1}}))
+    assert main(["bench", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err
+    for needle in ("unknown scoring setting(s) epoch", "kind 'purify' takes no params no_such", "roundz",
+                   "unknown model 'nonet'", "avatar needs --checkpoint", "no.pt, which does not exist",
+                   "too small for or not divisible"):
+        assert needle in err, needle
+    assert err.strip().splitlines()[-1].startswith("unpoison bench: error:")
+    out = tmp_path / "out"
+    assert main(["bench", str(cfg), str(out), "--quiet"]) == 2
+    assert "more; 'unpoison bench CONFIG --check' lists them" in capsys.readouterr().err and not out.exists()
+    # the kind decides what a defense may be: detection needs a purifier with a stage 1, not a training defense
+    cfg.write_text(yaml.safe_dump({"kind": "amplify", "axes": {"dataset": [TINY], "attack": ["lsp"],
+                                                               "defense": ["jpeg", "at"], "model": ["tinycnn"]}}))
+    assert main(["bench", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot infer p_hat on new images" in err and "needs a purifier, not the training-time defense" in err
+
+
+def test_avatar_gets_its_diffusion_model_from_a_dependency_cell(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(yaml.safe_dump({"axes": {"dataset": ["synthetic:n=32,size=8,channels=1,classes=4,seed=0"],
+                                            "attack": ["none"], "model": ["tinycnn"],
+                                            "defense": [{"name": "avatar", "params": {"t_star": 3}}]},
+                                   "diffusion": {"preset": "toy", "epochs": 1},
+                                   "train": {"preset": "smoke", "epochs": 1}}))
+    out = tmp_path / "out"
+    assert run_grid(str(cfg), out, progress=False) == {"pending": 0, "running": 0, "done": 2, "failed": 0}
+    rows_ = {r["kind"]: r for r in Store.open_existing(out).rows()}
+    dep = rows_["train-diffusion"]
+    assert Path(dep["results"]["checkpoint"]).is_file()
+    assert rows_["purify"]["started"] >= dep["finished"]  # the dependency ran first
+    assert rows_["purify"]["results"]["defense_info"]["t_star"] == 3
+    assert main(["report", str(out)]) == 0
+    assert "Dependencies" in (out / "report" / "report.md").read_text()
+
+
+def test_report_escapes_user_names_and_builds_safe_file_names(tmp_path: Path) -> None:
+    from unpoison.bench.report import csv_safe, dvae_variant, paper_value
+
+    cfg = {"name": "x", "axes": {"dataset": ["../../evil dir/x:y"], "attack": [{"name": "lsp", "label": "**b**|p"}],
+                                 "defense": [{"name": "jpeg", "label": "=HYPERLINK(\"h\")"}], "model": ["tinycnn"]}}
+    cells = expand(cfg)
+    store = Store.create_or_open(tmp_path, fingerprint(cells), cells, cfg)
+    store.record(cells[0].key, {"status": "done", "results": {"final_acc": 50.0, "psnr": 20.0}, "timings": {}})
+    store.close()
+    build_dir = tmp_path / "report"
+    assert main(["report", str(tmp_path)]) == 0
+    md = (build_dir / "report.md").read_text()
+    assert "\\*\\*b\\*\\*\\|p" in md and "| **b**|p" not in md
+    text = "".join(p.read_text() for p in (build_dir / "tables").glob("*.csv"))
+    assert "'=HYPERLINK" in text and ",=HYPERLINK" not in text
+    for f in [*(build_dir / "figures").iterdir(), *(build_dir / "tables").iterdir()]:
+        assert f.parent in (build_dir / "figures", build_dir / "tables") and " " not in f.name and ".." not in f.name
+    assert csv_safe("-0.69") == "-0.69" and csv_safe("@x") == "'@x" and csv_safe("+1+1") == "'+1+1"
+    # Table 6's rows come from the D-VAE's real ablation parameters; Table 5 has no ISS column to fill
+    base = {"dataset": "cifar10", "kind": "purify", "model": "resnet18", "attack": {"name": "lsp"}}
+    assert paper_value({**base, "defense": {"name": "dvae", "params": {"skip_stage1": True}}}) == 66.76
+    assert paper_value({**base, "defense": {"name": "dvae", "params": {"stage2_subtract": False}}}) == 90.63
+    assert dvae_variant({"skip_stage1": True, "stage2_subtract": False}) is None
+    assert paper_value({**base, "attack": {"name": "lsp", "eps": 2.0}, "defense": {"name": "avatar"}}) == 41.70
+
+
+def test_ablation_report_shows_stage1_and_where_each_defense_wins(tmp_path: Path) -> None:
+    """The ablation layout from a store with known numbers: the cells, the means, the best row, the note."""
+    from unpoison.disentangle import headline, purification_report
+
+    cfg = load_config("ablation", "smoke")
+    cells = expand(cfg)
+    acc = {"w/o": {"none": 90, "lsp": 20, "ops": 85, "em": 30, "tap": 75},  # ops drops 5: not effective
+           "D-VAE": {"none": 89, "lsp": 88, "ops": 80, "em": 85, "tap": 86},
+           "BDR-2": {"none": 89.5, "lsp": 89, "ops": 70, "em": 87, "tap": 80}}
+    x_clean = np.full((4, 2, 2, 1), 100, np.uint8)
+    x0 = x_clean.copy()
+    x0[:, 0, 0, 0] = 110
+    p_hat = np.zeros((4, 2, 2, 1), np.float32)
+    p_hat[:, 0, 0, 0] = 5.0
+    p_hat[:, 1, 1, 0] = 1.0
+    rep = purification_report(x_clean, x0, x_clean, p_hat=p_hat)
+    store = Store.create_or_open(tmp_path, fingerprint(cells), cells, cfg)
+    for c in cells:
+        d, a = c.config["defense"]["label"], c.config["attack"]["label"]
+        res: dict = {"final_acc": acc.get(d, {}).get(a, 50.0), "psnr": 20.0}
+        if d == "D-VAE" and a != "none":
+            res.update(stage1_corr=0.8, stage1_energy_removed=0.6)
+        if d == "D-VAE" and a == "lsp":
+            res.update(disentangle=rep, **{k: v for k, v in headline(rep).items() if k.startswith("poison")})
+        store.record(c.key, {"status": "done", "results": res, "timings": {"total": 1.0}})
+    store.close()
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| D-VAE | 89.00 | 88.00 \\[r 0.80, E 60%\\] | 80.00 \\[r 0.80, E 60%\\] |" in md
+    assert "| 84.75 | 86.33 |" in md  # mean over the 4 poisons; over the effective ones (lsp, em, tap)
+    assert "| BDR-2 | 89.50 | 89.00 | 70.00 | 87.00 | 80.00 | 81.50 | 85.33 |" in md
+    assert "| best | BDR-2 | BDR-2 | D-VAE | BDR-2 | D-VAE |" in md
+    assert "effective poisons (w/o defense, \\>= 10 points below the clean set): lsp, em, tap." in md
+    assert "BDR-2 on none, lsp, em; D-VAE on ops, tap" in md
+    assert "D-VAE 1.00" in md and "BDR-2 0.50" in md and "D-VAE: points below clean on the effective poisons: " \
+        "lsp 2.00, em 5.00, tap 4.00." in md
+    # the measured cell's stage-1 row: corr of (5, 0, 0, 1) with (10, 0, 0, 0) per image, energy 1 - 26/100
+    corr = float(np.corrcoef([5, 0, 0, 1], [10, 0, 0, 0])[0, 1])
+    (stage1,) = (tmp_path / "report" / "tables").glob("stage1-*.csv")
+    line = next(ln for ln in stage1.read_text().splitlines() if ln.startswith("lsp,D-VAE,all,4,"))
+    assert line.startswith(f"lsp,D-VAE,all,4,{corr:.3f},") and ",74.0%," in line
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Ablation: does stage 1 earn its cost?" in page and "88.00 [r 0.80, E 60%]" in page

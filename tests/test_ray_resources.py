@@ -13,10 +13,10 @@ from unpoison.bench.store import Store
 # A cell kind that reports what Ray gave the task it runs in (imported by the Ray workers as a plugin).
 PLUGIN = '''
 import os
-from unpoison.bench.run import KINDS
+from unpoison.bench.run import KINDS, kind
 
 if "test-resources" not in KINDS:
-    @KINDS.register("test-resources", "reports the resources Ray assigned to this cell's task")
+    @kind("test-resources", "reports the resources Ray assigned to this cell's task")
     def _report(ctx):
         import ray
         return {"assigned": ray.get_runtime_context().get_assigned_resources(),
@@ -33,7 +33,7 @@ def _grid(tmp_path: Path, resources: dict) -> dict[int, dict]:
     cfg.write_text(yaml.safe_dump({"name": "res", "kind": "test-resources", "plugins": [str(plugin)],
                                    "axes": {"seed": [0]}, "resources": resources}))
     out = tmp_path / "out"
-    run_grid(str(cfg), out, executor="ray", progress=False)
+    run_grid(str(cfg), out, executor="ray", progress=False, allow_plugins=True)
     s = Store.open_existing(out)
     try:
         return {r["config"]["seed"]: r for r in s.rows()}

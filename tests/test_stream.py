@@ -220,8 +220,9 @@ def test_streamed_output_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path:
     src = _npy_folder(tmp_path, n=256, size=32)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", _LIMITED.format(400 << 10), "purify", str(src), str(out), "--method",
-                        "dvae", "--preset", "cpu", "--width", "4", "--latent", "4", "--epochs", "1", "--device", "cpu",
-                        "--quiet", "--memory-budget", "1k"], env=_env(), capture_output=True, text=True, timeout=300)
+                        "dvae", "--preset", "cpu", "--width", "4", "--width1", "4", "--latent", "4", "--epochs", "1",
+                        "--device", "cpu", "--quiet", "--memory-budget", "1k"], env=_env(), capture_output=True,
+                       text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "stage1_images.npy" in lines[0] and "full" in lines[0]
@@ -374,6 +375,9 @@ def test_a_bench_cell_given_two_processes_purifies_data_parallel(tmp_path: Path,
 def test_inference_batch_scales_with_image_size() -> None:
     """The default inference batch holds as many pixels as 256 CIFAR images (CPU), not 256 images of any size."""
     p = DVAEPurifier(preset="cpu", device="cpu")
+    p._start_fit()  # the switches are resolved when a fit starts (device_, accel_), not in __init__
     assert p._infer_accel((32, 32, 3)).infer_batch == 256 and p._infer_accel((28, 28, 1)).infer_batch == 256
     assert p._infer_accel((224, 224, 3)).infer_batch == 5
-    assert DVAEPurifier(preset="cpu", device="cpu", infer_batch=64)._infer_accel((224, 224, 3)).infer_batch == 64
+    given = DVAEPurifier(preset="cpu", device="cpu", infer_batch=64)
+    given._start_fit()
+    assert given._infer_accel((224, 224, 3)).infer_batch == 64

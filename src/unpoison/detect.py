@@ -11,6 +11,7 @@ the classifier's softmax probability of the true label on ``x0`` (higher = more 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,25 +38,24 @@ def _grey_levels(p: np.ndarray) -> np.ndarray:
 
 def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: dict[str, Any] | None = None,
                  x_apply: np.ndarray | None = None, y_apply: np.ndarray | None = None, device: str = "auto",
-                 seed: int = 0, progress: bool = True,
-                 checkpoint_dir: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                 seed: int = 0, progress: bool = True, checkpoint_dir: str | None = None,
+                 preset: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Fit the purifier's stage 1 on ``(x, y)``; return ``p_hat`` (float32 grey levels) for ``x_apply``
     (default ``x``) and the purifier's info.
 
     With D-VAE only stage 1 is trained and ``estimate_perturbation(x, y, stage="stage1")`` gives
-    ``p_hat``; other purifiers run ``fit_purify`` and must leave ``extras_["p_hat"]``.
+    ``p_hat``; other purifiers run ``fit_purify`` and must leave ``extras_["p_hat"]``. ``preset`` sizes the
+    purifier (when it has presets and ``params`` names none); a checkpoint folder makes the fit resumable.
     """
     from .defenses import DEFENSES, make_purifier
     from .defenses.base import as_labels, as_uint8_nhwc
 
     cls = DEFENSES.get(purifier)
     kw = dict(params or {})
-    common = {"device": device, "seed": seed, "progress": progress}
-    kw.update({k: v for k, v in common.items() if k in cls.COMMON and k not in kw})
-    if cls.supports_checkpoint and checkpoint_dir:
-        kw.setdefault("checkpoint_dir", checkpoint_dir)
-        kw.setdefault("resume", True)
-    pur = make_purifier(purifier, **kw)
+    preset = kw.pop("preset", None) or (preset if "preset" in cls.COMMON else None)
+    ckpt = checkpoint_dir if cls.supports_checkpoint else None
+    pur = make_purifier(purifier, device=device, seed=seed, progress=progress, preset=preset,
+                        checkpoint_dir=ckpt, resume=ckpt is not None, **kw)
     x = as_uint8_nhwc(x)
     y = as_labels(y, len(x))
     xa, ya = (x, y) if x_apply is None else (as_uint8_nhwc(x_apply), as_labels(y_apply, len(x_apply)))
@@ -72,7 +72,7 @@ def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: d
     p = _grey_levels(p)
     if p.shape != xa.shape:
         raise ValueError(f"p_hat has shape {p.shape} for images {xa.shape}")
-    info = dict(pur.info_)
+    info = {**pur.info_, "params": pur.get_params()}
     if getattr(pur, "history_", None):
         info["history_last"] = {k: h[-1] for k, h in pur.history_.items() if h}
     return p, info
@@ -80,10 +80,12 @@ def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: d
 
 def detect_poison(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: dict[str, Any] | None = None,
                   train_config: Any = None, seed: int = 0, device: str = "auto", progress: bool = True,
-                  checkpoint_dir: str | None = None) -> DetectResult:
-    """Score and flag each training image (see module doc). ``train_config``: a :class:`TrainConfig`."""
+                  checkpoint_dir: str | None = None, preset: str | None = None) -> DetectResult:
+    """Score and flag each training image (see module doc). ``train_config``: a :class:`TrainConfig`
+    (default: ``preset``'s, else ``cpu``); ``preset`` also sizes the stage-1 purifier."""
     from .defenses.base import as_labels, as_uint8_nhwc
-    from .train import TrainConfig, predict, to_device_images, train_classifier
+    from .tensors import to_device_images
+    from .train import TrainConfig, predict, train_classifier
 
     x = as_uint8_nhwc(x)
     y = as_labels(y, len(x))
@@ -92,10 +94,11 @@ def detect_poison(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: 
     timer = Timer()
     with timer("stage1"):
         p_hat, pinfo = stage1_p_hat(x, y, purifier, params, device=device, seed=seed, progress=progress,
-                                    checkpoint_dir=checkpoint_dir)
+                                    checkpoint_dir=checkpoint_dir, preset=preset)
     x_hat = np.clip(np.rint(x.astype(np.float32) + p_hat), 0, 255).astype(np.uint8)
-    cfg = train_config or TrainConfig.preset("cpu")
-    cfg.eval_every = max(cfg.epochs, 1)  # the held-out score is meaningless here; evaluate once
+    cfg = train_config or TrainConfig.preset(preset or "cpu")
+    # the held-out score is meaningless here: evaluate once (on a copy; the caller's config is left alone)
+    cfg = dataclasses.replace(cfg, eval_every=max(cfg.epochs, 1))
     k = min(len(x), 256)
     ds = ImageDataset(x_hat, y, x[:k], y[:k])
     with timer("train"):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
-from .utils import pick_device
+from .tensors import pick_device
 
 #: default collective timeout (seconds): longer than any wait for a rank still working on its share
 DEFAULT_TIMEOUT_S = 900
@@ -111,7 +111,7 @@ def _env_int(name: str) -> int:
 
 def init(device: str | torch.device = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[DistContext, torch.device]:
     """Join the job ``torchrun`` started (NCCL on GPUs, gloo on CPU); outside one: :data:`SINGLE` and
-    :func:`~unpoison.utils.pick_device` of ``device``."""
+    :func:`~unpoison.tensors.pick_device` of ``device``."""
     if not under_launcher() or _env_int("WORLD_SIZE") <= 1:
         return SINGLE, pick_device(device)
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")

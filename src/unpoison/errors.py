@@ -77,3 +77,10 @@ def check_seed(seed: object, what: str = "--seed") -> int:
     if not 0 <= seed <= SEED_MAX:
         raise UserError(f"{what} must be an integer in [0, {SEED_MAX}], got {seed}")
     return int(seed)
+
+
+def check_finite_loss(value: float, what: str, epoch: int, hint: str = "--lr", unit: str = "epoch") -> None:
+    """Stop a run whose loss went NaN/inf (checked once an epoch on a sum the loop already synced)."""
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} diverged: loss is {value} at {unit} {epoch}; nothing was written "
+                             f"(a smaller {hint} may help)")

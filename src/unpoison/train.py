@@ -12,10 +12,8 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,14 +21,15 @@ from tqdm.auto import tqdm
 
 from .accel import Accel
 from .data import ImageDataset
-from .errors import NonFiniteError, UserError
+from .errors import UserError, check_finite_loss
 from .models import create_model
+from .presets import PresetTable, register_presets
 from .stream import BatchSource, ResidentSource, fits, make_source, shard_ranges
 from .stream import memory_budget as _memory_budget
-from .utils import pick_device, seed_everything
+from .tensors import TrainDefense, augment_batch, pick_device, rng_scope, sgd_cosine, to_device_images
 
-#: a training-time defense: (model, x in [0,1] augmented batch, y) -> batch to train on
-TrainDefense = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["TrainConfig", "TrainResult", "TrainDefense", "train_classifier", "predict", "accuracy", "TRAIN_PRESETS",
+           "augment_batch", "to_device_images"]
 
 
 @dataclass
@@ -48,22 +47,6 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_every: int = 1
 
-    @classmethod
-    def preset(cls, name: str, **overrides: object) -> TrainConfig:
-        """``paper`` (ResNet-18, 60 epochs), ``cpu`` (smallcnn, 15 epochs), ``smoke`` (tinycnn, 3)."""
-        presets = {
-            "paper": {},
-            "cpu": {"model": "smallcnn", "epochs": 15},
-            "smoke": {"model": "tinycnn", "epochs": 3, "batch_size": 64},
-        }
-        if name not in presets:
-            raise UserError(f"unknown training preset {name!r}; known: {', '.join(presets)}")
-        cfg = cls(**presets[name])  # type: ignore[arg-type]
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
-        return cfg
-
     def check(self) -> TrainConfig:
         """Ranges at the boundary: a negative or infinite learning rate is a one-line error, not a NaN model."""
         for k in ("epochs", "batch_size", "eval_every"):
@@ -79,13 +62,22 @@ class TrainConfig:
                                 f"{'' if hi == math.inf else f' and <= {hi}'}, got {v}")
         return self
 
+    @classmethod
+    def preset(cls, name: str = "paper", **overrides: object) -> TrainConfig:
+        """``paper`` (ResNet-18, 60 epochs), ``cpu`` (smallcnn, 15 epochs), ``smoke`` (tinycnn, 3), or ``auto``;
+        ``overrides`` (None = keep the preset's) must be fields of this class."""
+        return cls(**SCORING_PRESETS.values(name, overrides))  # type: ignore[arg-type]
 
-def check_finite_loss(value: float, what: str, epoch: int, hint: str = "--lr", unit: str = "epoch") -> None:
-    """Stop a run whose loss went NaN/inf (checked once an epoch on a sum the loop already synced)."""
-    if not math.isfinite(value):
-        raise NonFiniteError(f"{what} diverged: loss is {value} at {unit} {epoch}; nothing was written "
-                             f"(a smaller {hint} may help)")
 
+#: the scoring protocol's presets (values here; the mechanism is :mod:`unpoison.presets`)
+TRAIN_PRESETS: dict[str, dict[str, object]] = {
+    "paper": {},
+    "cpu": {"model": "smallcnn", "epochs": 15},
+    "smoke": {"model": "tinycnn", "epochs": 3, "batch_size": 64},
+}
+SCORING_PRESETS = register_presets(PresetTable(
+    "scoring", TRAIN_PRESETS, keys=frozenset(TrainConfig.__dataclass_fields__),
+    help="the classifier that scores a training set"))
 
 @dataclass
 class TrainResult:
@@ -102,32 +94,6 @@ class TrainResult:
     def summary(self) -> dict[str, object]:
         d = {k: v for k, v in self.__dict__.items() if k != "model"}
         return d
-
-
-def to_device_images(x: np.ndarray, device: torch.device, chunk: int = 8192) -> torch.Tensor:
-    """uint8 NHWC numpy (maybe memory-mapped) -> uint8 NCHW tensor on ``device``, in chunks."""
-    out = torch.empty((len(x), x.shape[3], x.shape[1], x.shape[2]), dtype=torch.uint8, device=device)
-    for i in range(0, len(x), chunk):
-        out[i:i + chunk] = torch.from_numpy(np.array(x[i:i + chunk])).to(device).permute(0, 3, 1, 2)  # copy: mmap-safe
-    return out
-
-
-def augment_batch(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) and horizontal flip of a float NCHW batch, vectorised."""
-    n, _, h, w = x.shape
-    dev = x.device
-    if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=gen)
-        rows = (dy[:, None] + torch.arange(h, device=dev)[None]).view(n, 1, h, 1).expand(-1, x.shape[1], h, w + 2 * pad)
-        xp = xp.gather(2, rows)
-        cols = (dx[:, None] + torch.arange(w, device=dev)[None]).view(n, 1, 1, w).expand(-1, x.shape[1], h, w)
-        x = xp.gather(3, cols)
-    if flip:
-        m = torch.rand(n, device=dev, generator=gen) < 0.5
-        x = torch.where(m[:, None, None, None], x.flip(3), x)
-    return x
 
 
 @torch.no_grad()
@@ -167,7 +133,27 @@ def train_classifier(
     autocast, channels_last and the evaluation batch (default ``Accel.auto(device, "classifier")``).
     Both splits are kept on the device when they fit ``memory_budget`` together (default: half the
     free memory); otherwise the training split, and the test split if it does not fit alone, stream.
+    Random draws use a local generator; what cannot take one (weight init, kornia in UEraser) runs in
+    :func:`rng_scope`, so the caller's RNG state is left as it was.
     """
+    dev = pick_device(device)
+    with rng_scope(seed, dev):
+        return _train_classifier(train, test, config, seed, dev, train_defense, progress, desc, accel,
+                                 memory_budget)
+
+
+def _train_classifier(
+    train: ImageDataset,
+    test: ImageDataset | None = None,
+    config: TrainConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    train_defense: TrainDefense | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    accel: Accel | None = None,
+    memory_budget: str | int | None = None,
+) -> TrainResult:
     cfg = config or TrainConfig()
     test = test or train
     if not test.has_test:
@@ -177,7 +163,6 @@ def train_classifier(
                         f"data {train.image_shape}/{train.num_classes} classes", test.source)
     cfg.check()
     dev = pick_device(device)
-    seed_everything(seed)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     h, w, c = train.image_shape
@@ -192,9 +177,9 @@ def train_classifier(
     y_te = torch.as_tensor(test.y_test, device=dev)
     n = len(x_tr)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=False)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    opt, sched = sgd_cosine(model.parameters(), cfg.lr, cfg.epochs * steps_per_epoch, cfg.momentum, cfg.weight_decay)
+    if hasattr(train_defense, "begin"):  # a defense whose schedule depends on the run's length (UEraser)
+        train_defense.begin(cfg.epochs * steps_per_epoch)  # type: ignore[union-attr]
     history: list[dict[str, float]] = []
     best, best_ep, per_class, acc = -1.0, 0, [], 0.0
     t0 = time.perf_counter()

@@ -17,26 +17,13 @@ import torch
 
 from .errors import UserError, check_seed
 from .outputs import Policy, atomic_path  # noqa: F401  (the one atomic writer; re-exported for callers)
-
-
-def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU. Any explicit torch device string is honoured."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"bad --device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA device is available")
-    return dev
+from .tensors import pick_device  # noqa: F401  (re-exported; it lives below everything)
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a CPU generator for explicit sampling.
+    """Seed python, numpy and torch process-wide; return a CPU generator for explicit sampling.
 
+    For scripts only: library code uses local generators and :func:`unpoison.tensors.rng_scope`.
     A seed outside [0, 2**32 - 1] is a :class:`UserError` (torch overflows on 10**20, numpy refuses -1)."""
     seed = check_seed(seed, "seed")
     random.seed(seed)

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from .. import rng
 from ..data.fingerprint import content_fingerprint
-from ..errors import UserError
-from ..models import create_model
-from ..train import augment_batch, check_finite_loss
+from ..errors import UserError, check_finite_loss
+from ..models import MODELS, create_model
+from ..tensors import augment_batch, crop_pad, sgd_cosine
 from ..utils import atomic_path
 from .base import Attack, project, to_float_nchw
 
@@ -56,27 +56,30 @@ class SurrogateAttack(Attack):
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"rounds", "stop_acc"})
 
     # --- set-up ----------------------------------------------------------------------------------
+    def check_params(self) -> None:
+        MODELS.get(self.params["surrogate"])  # an unknown surrogate fails here, not after loading the data
+
     def setup(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
         # resume key: the images and labels themselves, not their shape (a changed image must not resume)
         self.data_fp = content_fingerprint(x, np.asarray(y).astype(np.int64, copy=False))
-        self.x = to_float_nchw(x, self.device)
-        self.y = torch.as_tensor(y, device=self.device)
+        self.x = to_float_nchw(x, self.device_)
+        self.y = torch.as_tensor(y, device=self.device_)
         self.num_classes = num_classes
-        self.gen = torch.Generator(device=self.device)
+        self.gen = torch.Generator(device=self.device_)
         self.gen.manual_seed(self.seed)
         self.cpu_gen = torch.Generator().manual_seed(self.seed)
 
     def new_model(self) -> nn.Module:
         _, c, h, w = self.x.shape
-        return create_model(self.params["surrogate"], self.num_classes, c, max(h, w)).to(self.device)
+        return create_model(self.params["surrogate"], self.num_classes, c, max(h, w)).to(self.device_)
 
     def new_opt(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=lr or self.params["lr"], momentum=0.9, weight_decay=5e-4)
 
     def batches(self, shuffle: bool = True) -> Iterator[torch.Tensor]:
         n, bs = len(self.x), self.params["batch_size"]
-        order = torch.randperm(n, device=self.device, generator=self.gen) if shuffle else torch.arange(
-            n, device=self.device)
+        order = torch.randperm(n, device=self.device_, generator=self.gen) if shuffle else torch.arange(
+            n, device=self.device_)
         for i in range(0, n, bs):
             yield order[i:i + bs]
 
@@ -85,7 +88,7 @@ class SurrogateAttack(Attack):
         return BatchStream(self)
 
     def step_size(self) -> float:
-        return self.params["step_frac"] * self.eps
+        return self.params["step_frac"] * self.eps_
 
     def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
         return tqdm(total=total, initial=initial, desc=f"{self.name}: {desc}", disable=not self.progress,
@@ -95,9 +98,8 @@ class SurrogateAttack(Attack):
     def train_epochs(self, model: nn.Module, epochs: int, delta: torch.Tensor | None = None, augment: bool = True,
                      on_epoch: Callable[[int, nn.Module], None] | None = None, desc: str = "train surrogate") -> float:
         """Plain SGD + cosine schedule on ``x (+ delta)``; returns the last epoch's training accuracy (%)."""
-        opt = self.new_opt(model)
         steps = epochs * math.ceil(len(self.x) / self.params["batch_size"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+        opt, sched = sgd_cosine(model.parameters(), self.params["lr"], steps)
         acc = 0.0
         bar = self.bar(epochs, desc)
         for ep in range(epochs):
@@ -106,7 +108,7 @@ class SurrogateAttack(Attack):
             for idx in self.batches():
                 xb = self.x[idx] if delta is None else (self.x[idx] + delta[idx]).clamp(0, 1)
                 if augment:
-                    xb = augment_batch(xb, 2 if xb.shape[-1] < 32 else 4, True, self.gen)
+                    xb = augment_batch(xb, crop_pad(xb.shape[-1]), True, self.gen)
                 out = model(xb)
                 loss = F.cross_entropy(out, self.y[idx])
                 opt.zero_grad(set_to_none=True)
@@ -140,7 +142,7 @@ class SurrogateAttack(Attack):
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
-            delta = state["delta"].to(self.device)
+            delta = state["delta"].to(self.device_)
             start, history = int(state["round"]), [dict(zip(("loss", "acc"), h)) for h in state["history"].tolist()]
             if "batches" in state:
                 batches.load_state_dict(state["batches"])
@@ -196,8 +198,8 @@ class SurrogateAttack(Attack):
     def init_delta(self, random: bool = True) -> torch.Tensor:
         if not random:
             return torch.zeros_like(self.x)
-        u = torch.rand(self.x.shape, generator=self.cpu_gen).to(self.device) * 2 - 1
-        return self.clip_valid(project(u * self.eps if self.norm_used == "linf" else u, self.norm_used, self.eps),
+        u = torch.rand(self.x.shape, generator=self.cpu_gen).to(self.device_) * 2 - 1
+        return self.clip_valid(project(u * self.eps_ if self.norm_used == "linf" else u, self.norm_used, self.eps_),
                                self.x)
 
     def clip_valid(self, delta: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
@@ -213,12 +215,12 @@ class SurrogateAttack(Attack):
         else:
             g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             delta = delta + sgn * step * g  # l2 step of length `step`
-        return self.clip_valid(project(delta, self.norm_used, self.eps), xb)
+        return self.clip_valid(project(delta, self.norm_used, self.eps_), xb)
 
     # --- checkpoints -----------------------------------------------------------------------------
     def fingerprint(self) -> str:
         params = {k: v for k, v in self.params.items() if k not in self.RESUMABLE}
-        key = {"attack": self.name, "eps": self.eps, "norm": self.norm_used, "params": params,
+        key = {"attack": self.name, "eps": self.eps_, "norm": self.norm_used, "params": params,
                "seed": self.seed, "data": self.data_fp}
         return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -271,7 +273,7 @@ class BatchStream:
     def __next__(self) -> torch.Tensor:
         n, bs = len(self.attack.x), self.attack.params["batch_size"]
         if self.order is None or self.pos >= n:
-            self.order = torch.randperm(n, device=self.attack.device, generator=self.attack.gen)
+            self.order = torch.randperm(n, device=self.attack.device_, generator=self.attack.gen)
             self.pos = 0
         idx = self.order[self.pos:self.pos + bs]
         self.pos += bs
@@ -283,7 +285,7 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         order = state["order"]
-        self.order = order.to(self.attack.device) if len(order) else None
+        self.order = order.to(self.attack.device_) if len(order) else None
         self.pos = int(state["pos"])
 
 

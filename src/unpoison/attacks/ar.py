@@ -111,10 +111,10 @@ class AR(Attack):
         # scale per image in float64 before anything can overflow float32
         noise = noise / noise.abs().flatten(1).max(1).values.clamp_min(1e-300).view(-1, 1, 1, 1)
         if self.norm_used == "l2" and self.params["fit_after_clip"]:
-            noise = fit_l2_after_clip(x, noise, self.eps)
+            noise = fit_l2_after_clip(x, noise, self.eps_)
         elif self.norm_used == "l2":
-            noise = noise * (self.eps / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
+            noise = noise * (self.eps_ / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
         else:
-            noise = noise * self.eps
+            noise = noise * self.eps_
         self.info_ = {"crop": self.params["crop"], "ar_coefficients": coef.tolist()}
-        return project(noise.float(), self.norm_used, self.eps)
+        return project(noise.float(), self.norm_used, self.eps_)

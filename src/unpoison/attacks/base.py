@@ -20,7 +20,10 @@ With ``ratio < 1`` the attack only sees (and crafts noise for) the images it poi
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,7 +34,8 @@ import torch
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc
 from ..errors import NonFiniteError, UserError, check_seed
-from ..utils import pick_device, seed_everything
+from ..presets import PRESET_TABLES, PresetTable, register_presets
+from ..tensors import pick_device, rng_scope
 
 NORMS = ("linf", "l2", "l0")
 #: rounding to uint8 moves each value by at most half a grey level
@@ -67,6 +71,13 @@ def check_eps(norm: str, eps: float, d: int, hw: int) -> None:
         raise UserError(f"l2 bound {eps} exceeds the largest possible change sqrt(d) = {math.sqrt(d):.2f}")
     if norm == "l0" and (eps != int(eps) or eps > hw):
         raise UserError(f"l0 bound must be a whole number of pixels in [1, {hw}], got {eps}")
+
+
+def scaled_eps(norm: str, eps: float, image_shape: tuple[int, int, int], scale: bool = True) -> float:
+    """The enforced bound for images of ``image_shape`` (H, W, C): l2 bounds are quoted at CIFAR size and
+    scaled by ``sqrt(d / 3072)`` (unless ``scale`` is False); l_inf and l0 are taken as given."""
+    h, w, c = image_shape
+    return eps * math.sqrt(h * w * c / 3072) if norm == "l2" and scale else eps
 
 
 def choose_indices(n: int, ratio: float, seed: int) -> np.ndarray:
@@ -227,8 +238,7 @@ class Attack:
         self.norm_used = norm or self.norm
         if self.norm_used not in self.norms:
             raise UserError(f"attack {self.name} crafts in {'/'.join(self.norms)}, not {self.norm_used}")
-        if preset not in self.PRESETS:
-            raise UserError(f"unknown preset {preset!r} for {self.name}; known: {', '.join(self.PRESETS)}")
+        preset = self.presets().resolve(preset, device)
         unknown = sorted(set(params) - set(self.PARAMS))
         if unknown:
             known = ", ".join(sorted(self.PARAMS)) or "none"
@@ -243,7 +253,7 @@ class Attack:
         elif self.norm_used == "linf" and self.eps_nominal > 1:
             check_eps("linf", self.eps_nominal, 1, 1)
         self.seed = check_seed(seed, "seed")
-        self.device_spec = device
+        self.device = device  # as given ("auto", "cuda:1"); the device a run uses is ``device_``
         self.progress = progress
         self.preset = preset
         self.scale_eps = scale_eps
@@ -256,18 +266,58 @@ class Attack:
                 merged[k] = self.PARAMS[k][0](v) if self.PARAMS[k][0] is not bool else _as_bool(v)
         self.params = merged
         _check_param_ranges(self.name, merged)
-        self.eps = self.eps_nominal
+        self.check_params()
+        #: set by :meth:`poison` for the run in progress: the enforced bound and the device used
+        self.eps_: float = self.eps_nominal
+        self.device_: torch.device = torch.device("cpu")
         self.info_: dict[str, Any] = {}
+
+    def check_params(self) -> None:
+        """Validate ``self.params`` beyond their types (no I/O); subclasses extend it."""
+
+    @classmethod
+    def presets(cls) -> PresetTable:
+        """This attack's preset table (registered by :func:`register_attack`; built on the fly for a class
+        used without registering it)."""
+        family = f"attack {cls.name}"
+        return PRESET_TABLES.get(family) if family in PRESET_TABLES else _preset_table(cls)
+
+    @classmethod
+    def code_version(cls) -> str:
+        """A short hash of the source of every unpoison module this attack's class is built from (and the
+        tensor helpers they use): a cached poison is reused only by the code that made it."""
+        h = hashlib.sha256()
+        mods = [sys.modules[k.__module__] for k in cls.__mro__ if k.__module__.startswith("unpoison.")]
+        mods.append(sys.modules[rng_scope.__module__])
+        if cls.uses_surrogate:
+            import unpoison.models as models
+
+            mods += [sys.modules[m] for m in sorted(sys.modules) if m.startswith(models.__name__ + ".")]
+        for m in dict.fromkeys(mods):
+            h.update(m.__name__.encode())
+            h.update(inspect.getsource(m).encode())
+        return h.hexdigest()[:16]
 
     # --- helpers for subclasses -------------------------------------------------------------------
     def effective_eps(self, image_shape: tuple[int, ...]) -> float:
         h, w, c = image_shape
-        if self.norm_used == "l2" and self.scale_eps:
-            return self.eps_nominal * math.sqrt(h * w * c / 3072)
-        return self.eps_nominal
+        return scaled_eps(self.norm_used, self.eps_nominal, (h, w, c), self.scale_eps)
 
     def get_params(self) -> dict[str, Any]:
         return {"norm": self.norm_used, "eps": self.eps_nominal, "preset": self.preset, **self.params}
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, str]:
+        """Each parameter's default as ``--help`` shows it: per preset where the presets differ."""
+        def show(v: Any) -> str:
+            return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+        out = {}
+        for k, (_, default, _) in cls.PARAMS.items():
+            vals = {p: over.get(k, default) for p, over in cls.PRESETS.items()}
+            same = len({repr(v) for v in vals.values()}) == 1
+            out[k] = show(default) if same else ", ".join(f"{p} {show(v)}" for p, v in vals.items())
+        return out
 
     # --- the one entry point ---------------------------------------------------------------------
     def poison(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, ratio: float = 1.0) -> PoisonResult:
@@ -279,23 +329,23 @@ class Attack:
         if len(np.unique(y)) < 2:
             raise UserError("poisoning needs at least 2 classes; the labels have one")
         h, w, c = x.shape[1:]
-        self.eps = self.effective_eps((h, w, c))
-        check_eps(self.norm_used, self.eps, h * w * c, h * w)
+        eps = self.effective_eps((h, w, c))
+        check_eps(self.norm_used, eps, h * w * c, h * w)
         idx = choose_indices(len(x), ratio, self.seed)
-        self.device = pick_device(self.device_spec)
-        seed_everything(self.seed)
+        self.eps_, self.device_ = eps, pick_device(self.device)
         self.info_ = {}
         xs, ys = x[idx], y[idx]
         t1 = time.perf_counter()
-        out = self._craft(xs, ys, num_classes)
+        with rng_scope(self.seed, self.device_):  # weight init of surrogates; every other draw has a generator
+            out = self._craft(xs, ys, num_classes)
         t2 = time.perf_counter()
         if isinstance(out, torch.Tensor) or out.dtype != np.uint8:
             _check_finite_output(self.name, out)  # NaN would round to a silent, in-bound garbage result
-            out = quantize(xs, out, self.norm_used, self.eps)
+            out = quantize(xs, out, self.norm_used, eps)
         if out.shape != xs.shape:
             raise ValueError(f"{self.name} returned shape {out.shape} for {xs.shape}")
         d_sub = out.astype(np.int16) - xs.astype(np.int16)
-        checked = verify_bound(d_sub, self.norm_used, self.eps)
+        checked = verify_bound(d_sub, self.norm_used, eps)
         x_out = x.copy()
         x_out[idx] = out
         delta = np.zeros(x.shape, dtype=np.int16)
@@ -304,14 +354,14 @@ class Attack:
         info: dict[str, Any] = {
             "attack": self.name,
             "norm": self.norm_used,
-            "eps": self.eps,
+            "eps": eps,
             "eps_nominal": self.eps_nominal,
-            "eps_levels": self.eps * 255 if self.norm_used == "linf" else None,
-            "eps_scaled_by": self.eps / self.eps_nominal,
+            "eps_levels": eps * 255 if self.norm_used == "linf" else None,
+            "eps_scaled_by": eps / self.eps_nominal,
             "image_shape_hwc": [h_, w_, c_],
             "params": self.get_params(),
             "seed": self.seed,
-            "device": str(self.device),
+            "device": str(self.device_),
             "ratio": ratio,
             "n_poisoned": int(len(idx)),
             "n_total": int(len(x)),
@@ -328,11 +378,17 @@ class Attack:
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
+def _preset_table(cls: type[Attack]) -> PresetTable:
+    return PresetTable(f"attack {cls.name}", cls.PRESETS, keys=frozenset(cls.PARAMS),
+                       aliases={"smoke": "cpu"} if "cpu" in cls.PRESETS else {}, help=f"{cls.name}'s method parameters")
+
+
 def register_attack(name: str, help: str = "") -> Any:  # noqa: A002
     """Class decorator: set ``cls.name`` and register it in :data:`ATTACKS`."""
 
     def deco(cls: type[Attack]) -> type[Attack]:
         cls.name = name
+        register_presets(_preset_table(cls))
         return ATTACKS.register(name, help)(cls)
 
     return deco

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train import augment_batch
+from ..tensors import augment_batch, crop_pad
 from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
@@ -52,7 +52,7 @@ class EM(SurrogateAttack):
         """What the surrogate sees: ``xb`` itself, or a random crop + flip of it with ``augment``."""
         if not self.params["augment"]:
             return xb
-        return augment_batch(xb, 2 if xb.shape[-1] < 32 else 4, True, self.gen)
+        return augment_batch(xb, crop_pad(xb.shape[-1]), True, self.gen)
 
     def minimize_noise(self, model: torch.nn.Module, delta: torch.Tensor) -> torch.Tensor:
         model.eval()

@@ -47,10 +47,10 @@ class LSP(Attack):
         low = centres[yt] + self.params["cluster_std"] * torch.randn(n, c, gh, gw, generator=g, dtype=torch.float64)
         noise = F.interpolate(low, scale_factor=patch, mode="nearest")[:, :, :h, :w]
         if self.norm_used == "l2" and self.params["fit_after_clip"]:
-            noise = fit_l2_after_clip(x, noise, self.eps)
+            noise = fit_l2_after_clip(x, noise, self.eps_)
         elif self.norm_used == "l2":
-            noise = noise * (self.eps / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
+            noise = noise * (self.eps_ / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
         else:  # l_inf variant: the sign pattern at full strength
-            noise = self.eps * noise / noise.abs().flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
+            noise = self.eps_ * noise / noise.abs().flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
         self.info_ = {"patch_size": patch, "grid": [gh, gw]}
-        return project(noise.float(), self.norm_used, self.eps)
+        return project(noise.float(), self.norm_used, self.eps_)

@@ -69,7 +69,7 @@ class NTGA(Attack):
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:
-        dev = self.device
+        dev = self.device_
         xf = to_float_nchw(x, dev)
         n = len(xf)
         yoh = torch.nn.functional.one_hot(torch.as_tensor(y, device=dev), num_classes).float() - 1.0 / num_classes
@@ -77,7 +77,7 @@ class NTGA(Attack):
         perm = torch.randperm(n, generator=g)
         bs = max(2, self.params["block_size"])
         delta = torch.zeros_like(xf)
-        step = self.params["step_frac"] * self.eps
+        step = self.params["step_frac"] * self.eps_
         blocks = [perm[i:i + bs] for i in range(0, n, bs)]
         acc_clean, acc_pois = [], []
         t0 = time.perf_counter()
@@ -98,7 +98,7 @@ class NTGA(Attack):
                 (grad,) = torch.autograd.grad(loss, d)
                 d = d.detach() + (step * grad.sign() if self.norm_used == "linf"
                                   else step * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12))
-                d = project(d, self.norm_used, self.eps)
+                d = project(d, self.norm_used, self.eps_)
                 d = (xt + d).clamp(0, 1) - xt
             acc_pois.append(self._val_acc(xt + d, xv, yt, yv))
             delta[tb.to(dev)] = d.view(-1, *xf.shape[1:])

@@ -72,7 +72,7 @@ class OPS(Attack):
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
-        k = int(self.eps)
+        k = int(self.eps_)
         out = x.copy()
         rng = np.random.default_rng([self.seed, 0x0B5])
         taken: list[tuple[int, int]] = []

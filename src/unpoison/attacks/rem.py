@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train import augment_batch
+from ..tensors import augment_batch, crop_pad
 from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
@@ -45,7 +45,7 @@ class REM(SurrogateAttack):
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:
         self.setup(x, y, num_classes)
-        self.pad = 2 if self.x.shape[-1] < 32 else 4
+        self.pad = crop_pad(self.x.shape[-1])
 
         def train_loss(model: nn.Module, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
             xb = augment_batch(poisoned(self.x[idx], delta[idx]), self.pad, True, self.gen)

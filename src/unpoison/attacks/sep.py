@@ -63,7 +63,7 @@ class SEP(SurrogateAttack):
             delta, done = torch.zeros_like(self.x), 0
         else:
             snaps = [state[f"ckpt{i}"] for i in range(int(state["n"]))]
-            delta, done, train_acc = state["delta"].to(self.device), int(state["done"]), float(state["train_acc"])
+            delta, done, train_acc = state["delta"].to(self.device_), int(state["done"]), float(state["train_acc"])
         for sd in snaps:
             mod = self.new_model()
             mod.load_state_dict(sd)
@@ -101,7 +101,7 @@ class SEP(SurrogateAttack):
                 model(self.x[idx])
                 f = F.normalize(tap.feat.flatten(1), dim=1)
                 if sums is None:
-                    sums = torch.zeros(self.num_classes, f.shape[1], device=self.device)
+                    sums = torch.zeros(self.num_classes, f.shape[1], device=self.device_)
                 sums.index_add_(0, self.y[idx], f)
         return F.normalize(sums, dim=1)  # type: ignore[arg-type]
 

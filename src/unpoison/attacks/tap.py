@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train import augment_batch
+from ..tensors import augment_batch, crop_pad
 from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
@@ -53,7 +53,7 @@ class TAP(SurrogateAttack):
                             "train_acc": torch.tensor(train_acc)})
         else:
             model.load_state_dict(state["model"])
-            delta, done, train_acc = state["delta"].to(self.device), int(state["done"]), float(state["train_acc"])
+            delta, done, train_acc = state["delta"].to(self.device_), int(state["done"]), float(state["train_acc"])
         t1 = time.perf_counter()
         target = (self.y + 1) % num_classes
         model.eval()
@@ -77,7 +77,7 @@ class TAP(SurrogateAttack):
     def targeted(self, model: nn.Module, xb: torch.Tensor, tb: torch.Tensor) -> tuple[torch.Tensor, float]:
         db = torch.zeros_like(xb)
         step = self.step_size()
-        pad = 2 if xb.shape[-1] < 32 else 4
+        pad = crop_pad(xb.shape[-1])
         loss = torch.zeros(())
         for _ in range(self.params["pgd_steps"]):
             db.requires_grad_(True)

@@ -3,25 +3,30 @@
 A config (a shipped name such as ``table2`` or a YAML path) names *axes*; the grid is their product.
 Each cell is one experiment: ``dataset x attack x defense x model x seed`` (plus any extra axis such
 as ``ratio``), with per-cell parameters. ``kind`` selects the experiment function (``purify`` by
-default; ``detect``, ``disentangle``, ``partial``, ``amplify``, ``theorem2`` for the other tables).
+default; ``detect``, ``disentangle-check``, ``partial``, ``amplify``, ``theorem2`` for the other tables).
+This module only reads and expands configs; :mod:`unpoison.bench.check` validates the cells and
+:mod:`unpoison.bench.run` runs them.
 
 Config shape (every key optional except ``axes``)::
 
     name: table2
     title: "Table 2: clean test accuracy (%)"
+    note: "AVATAR left out: ..."                  # printed under the report's title
     kind: purify
-    table: {rows: attack, cols: defense}         # how the report lays the cells out
-    plugins: [my_pkg.my_attacks, ./extra.py]      # imported in every worker (register your own names)
+    table: {rows: attack, cols: defense}         # how the report lays the cells out (layout: grid|efficacy|ablation)
+    plugins: [my_pkg.my_attacks, ./extra.py]      # Python code: imported only with --allow-plugins
     axes:
       dataset: [cifar10]                          # dataset specs (see unpoison.data.load_dataset)
       attack: [none, em, {name: lsp, eps: 2.0, label: lsp-l2=2}]
-      defense: [none, {name: jpeg, params: {quality: 10}, label: JPEG-10}, at, dvae]
+      defense: [none, {name: jpeg, params: {quality: 10}, label: JPEG-10}, {name: at, train: {epochs: 5}}, dvae]
       model: [resnet18]
       seed: [0]
     subset: {n_train: 5000, n_test: 1000, seed: 0}
-    train: {preset: paper, epochs: 60}            # TrainConfig preset + overrides
+    train: {preset: paper, epochs: 60}            # TrainConfig preset + overrides (unknown keys are errors)
+    attack_preset: cpu                            # every attack's preset
     attack_params: {em: {...}}                    # merged into every entry of that attack
     defense_params: {dvae: {...}}                 # merged into every entry of that defense
+    diffusion: {preset: paper}                    # AVATAR without a checkpoint: a dependency cell trains one
     params: {...}                                 # kind-specific parameters (e.g. detection's)
     resources: {num_cpus: 1, num_gpus: 0}         # what the Ray executor asks for per cell; num_gpus > 1
                                                   # (or nproc: N): the purifier runs data-parallel, N ranks
@@ -44,14 +49,21 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..presets import PresetTable, register_presets
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PRESETS = ("smoke", "cpu", "paper")
+#: a grid's presets: the values live in each config's ``presets:`` section
+BENCH_PRESETS = register_presets(PresetTable(
+    "bench", {"smoke": {}, "cpu": {}, "paper": {}},
+    help="benchmark grids (smoke: tiny synthetic data; cpu: Fashion-MNIST subsets; paper: the paper's runs)"))
+PRESETS = tuple(BENCH_PRESETS.names())
 #: axes every cell has (filled with defaults when a config leaves them out)
 CORE_AXES = ("dataset", "attack", "defense", "model", "seed")
-_TOP_KEYS = {"name", "title", "kind", "table", "plugins", "axes", "subset", "train", "attack_params",
+_TOP_KEYS = {"name", "title", "note", "kind", "table", "plugins", "axes", "subset", "train", "attack_params",
              "defense_params", "params", "resources", "presets", "description", "device", "cells",
-             "attack_preset"}
+             "attack_preset", "diffusion"}
+#: keys of an attack / defense entry on an axis
+_ENTRY_KEYS = {"name", "label", "params", "eps", "ratio", "train"}
 
 
 def shipped_configs() -> list[str]:
@@ -77,9 +89,11 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(spec: str | Path, preset: str | None = None, datasets: list[str] | None = None) -> dict[str, Any]:
-    """Read a shipped config by name or a YAML file, apply ``preset`` (deep merge) and ``datasets``
-    (replaces the dataset axis: run any config on your own data)."""
+def load_config(spec: str | Path, preset: str | None = None, datasets: list[str] | None = None,
+                device: str = "auto") -> dict[str, Any]:
+    """Read a shipped config by name or a YAML file, apply ``preset`` (deep merge; ``auto`` = ``paper`` on
+    CUDA, ``cpu`` otherwise; ``None`` = as written) and ``datasets`` (replaces the dataset axis: run any
+    config on your own data). Plugins are listed in ``cfg["plugins"]``, never imported here."""
     s = str(spec)
     path = Path(s).expanduser()
     if not path.exists() and (CONFIG_DIR / f"{s}.yaml").exists():
@@ -92,25 +106,50 @@ def load_config(spec: str | Path, preset: str | None = None, datasets: list[str]
         raise UserError(f"not valid YAML: {str(e).splitlines()[0]}", path) from None
     if not isinstance(raw, dict):
         raise UserError("a config must be a YAML mapping", path)
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise UserError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}", path)
+    _check_top_keys(raw, path)
     presets = raw.pop("presets", {}) or {}
+    if not isinstance(presets, dict):
+        raise UserError("'presets' must map preset names to mappings", path)
+    for name, over in presets.items():
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r} in 'presets'; known: {', '.join(PRESETS)}", path)
+        _check_top_keys(over or {}, path, f"preset {name!r}: ")
+    chosen = None
     if preset is not None:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        if preset not in presets:
-            raise UserError(f"config has no preset {preset!r} (it has: {', '.join(presets) or 'none'})", path)
-        raw = deep_merge(raw, presets[preset] or {})
+        chosen = BENCH_PRESETS.resolve(preset, device)
+        if chosen not in presets:
+            if preset == "auto" and not presets:
+                chosen = None  # a config without presets runs as written
+            else:
+                raise UserError(f"config has no preset {chosen!r} (it has: {', '.join(presets) or 'none'})", path)
+        if chosen is not None:
+            raw = deep_merge(raw, presets[chosen] or {})
     if datasets:
         raw.setdefault("axes", {})["dataset"] = list(datasets)
     raw.setdefault("name", path.stem)
     raw["_source"] = str(path)
-    raw["_preset"] = preset
+    raw["_preset"] = chosen
+    raw["_presets"] = sorted(presets)
     # plugin paths are relative to the config file
     raw["plugins"] = [str((path.parent / p).resolve()) if str(p).endswith(".py") else str(p)
                       for p in raw.get("plugins", []) or []]
     return raw
+
+
+def _check_top_keys(raw: dict[str, Any], path: Path, where: str = "") -> None:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}a config section must be a YAML mapping", path)
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise UserError(f"{where}unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}",
+                        path)
+
+
+def require_plugins_allowed(cfg: dict[str, Any], allow: bool) -> None:
+    """A config is data: the Python modules it lists run only when the user opts in."""
+    if cfg.get("plugins") and not allow:
+        raise UserError(f"config lists plugins ({', '.join(map(str, cfg['plugins']))}): Python code it would import "
+                        "and run; pass --allow-plugins if you trust it", cfg.get("_source"))
 
 
 def import_plugins(plugins: list[str]) -> None:
@@ -136,11 +175,16 @@ def import_plugins(plugins: list[str]) -> None:
 
 @dataclass
 class Cell:
-    """One experiment: everything :func:`unpoison.bench.run.run_cell` needs, JSON-able."""
+    """One experiment: everything :func:`unpoison.bench.run.run_cell` needs, JSON-able.
+
+    ``data`` is the content digest of the cell's dataset (filled by the check before a run): a finished
+    cell counts as finished only for the data it was computed on. It is not part of :attr:`id`.
+    """
 
     key: str
     index: int
     config: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
 
     @property
     def id(self) -> str:
@@ -154,14 +198,16 @@ def _entry(value: Any, axis: str) -> dict[str, Any]:
         value = {"name": value}
     if not isinstance(value, dict) or "name" not in value:
         raise UserError(f"bad {axis} entry {value!r}: expected a name or a mapping with 'name'")
-    extra = sorted(set(value) - {"name", "label", "params", "eps", "ratio"})
+    extra = sorted(set(value) - _ENTRY_KEYS)
     if extra:
         raise UserError(f"bad {axis} entry {value!r}: unknown key(s) {', '.join(extra)}")
+    for k in ("params", "train"):
+        if not isinstance(value.get(k) or {}, dict):
+            raise UserError(f"bad {axis} entry {value!r}: {k!r} must be a mapping")
     out = {"name": str(value["name"]).lower(), "params": dict(value.get("params") or {})}
-    if "eps" in value:
-        out["eps"] = value["eps"]
-    if "ratio" in value:
-        out["ratio"] = value["ratio"]
+    for k in ("eps", "ratio", "train"):
+        if k in value:
+            out[k] = value[k]
     out["label"] = str(value.get("label") or _auto_label(out))
     return out
 
@@ -206,6 +252,9 @@ def expand(cfg: dict[str, Any]) -> list[Cell]:
         "device": cfg.get("device", "auto"),
         "attack_preset": cfg.get("attack_preset"),
     }
+    for k in ("subset", "train", "params", "resources"):
+        if not isinstance(base[k], dict):
+            raise UserError(f"{k!r} must be a mapping", cfg.get("_source"))
     cells: list[Cell] = []
     seen: dict[str, int] = {}
     for i, combo in enumerate(combos):
@@ -231,56 +280,40 @@ def expand(cfg: dict[str, Any]) -> list[Cell]:
             raise UserError(f"two cells share the label {key!r}; give entries distinct 'label's", cfg.get("_source"))
         seen[key] = i
         cells.append(Cell(key=key, index=i, config=c))
-    return cells
+    return cells + _dependency_cells(cells, cfg, len(combos))
+
+
+def _dependency_cells(cells: list[Cell], cfg: dict[str, Any], start: int) -> list[Cell]:
+    """Cells the grid must finish first: AVATAR without a ``checkpoint`` gets its DDPM from a
+    ``train-diffusion`` cell per (dataset, subset, seed), trained on that dataset's clean training split
+    with the config's ``diffusion:`` settings. Dependents name it in ``needs``."""
+    diff = cfg.get("diffusion")
+    deps: dict[str, Cell] = {}
+    for cell in cells:
+        c = cell.config
+        if c["defense"]["name"] != "avatar" or c["defense"]["params"].get("checkpoint") or not diff:
+            continue
+        dep_cfg = {"kind": "train-diffusion", "dataset": c["dataset"], "subset": c["subset"], "seed": c["seed"],
+                   "diffusion": diff, "device": c["device"], "resources": c["resources"], "plugins": c["plugins"],
+                   "attack": {"name": "none", "label": "none", "params": {}},
+                   "defense": {"name": "none", "label": "none", "params": {}}, "model": None, "params": {},
+                   "train": {}, "attack_preset": None}
+        key = f"train-diffusion|dataset={c.get('dataset_label', c['dataset'])}|seed={c['seed']}"
+        if key not in deps:
+            deps[key] = Cell(key=key, index=start + len(deps), config=dep_cfg)
+        c["needs"] = [key]
+        c["diffusion_cell"] = deps[key].id
+    return list(deps.values())
 
 
 def _default_model(train: dict[str, Any]) -> str:
     if train.get("model"):
         return str(train["model"])
-    return {"paper": "resnet18", "cpu": "smallcnn", "smoke": "tinycnn"}.get(str(train.get("preset", "smoke")),
-                                                                           "resnet18")
+    from ..train import TrainConfig
+
+    return TrainConfig.preset(str(train.get("preset", "smoke"))).model
 
 
 def fingerprint(cells: list[Cell]) -> str:
     """Identifies a grid: the same config + preset gives the same fingerprint on any machine."""
     return short_hash([[c.key, c.config] for c in cells], 16)
-
-
-def validate(cells: list[Cell], source: str | None = None) -> None:
-    """Unknown names (kinds, attacks, defenses, models, datasets, parameters) -> one-line UserError."""
-    from ..data import DATASETS, FORMATS
-    from ..defenses import DEFENSES, TRAIN_DEFENSES
-    from ..models import MODELS
-    from .run import KINDS, attack_registry
-
-    attacks = attack_registry()
-    for cell in cells:
-        c = cell.config
-        where = f"cell {cell.key!r}"
-        KINDS.get(c["kind"])
-        MODELS.get(c["model"])
-        ds = str(c["dataset"])
-        name, sep, _ = ds.partition(":")
-        known_ds = name.lower() in DATASETS or (sep and name.lower() in FORMATS)
-        if not known_ds and not Path(ds).expanduser().exists():
-            raise UserError(f"{where}: unknown dataset {ds!r} (not a registered name, FORMAT:PATH or existing path); "
-                            f"known names: {', '.join(DATASETS.names())}", source)
-        a = c["attack"]["name"]
-        if a != "none" and (attacks is None or a not in attacks):
-            known = ", ".join(attacks.names()) if attacks is not None else "none (unpoison.attacks missing)"
-            raise UserError(f"{where}: unknown attack {a!r}; known: none, {known}", source)
-        d = c["defense"]["name"]
-        if d == "none":
-            continue
-        if d in DEFENSES:
-            cls = DEFENSES.get(d)
-            allowed = set(cls.PARAMS) | set(cls.COMMON)
-            bad = sorted(set(c["defense"]["params"]) - allowed) if cls.PARAMS else []
-            if bad:
-                raise UserError(f"{where}: defense {d!r} has no parameter(s) {', '.join(bad)}; "
-                                f"known: {', '.join(sorted(cls.PARAMS))}", source)
-        elif d not in TRAIN_DEFENSES:
-            known = ", ".join(["none", *DEFENSES.names(), *TRAIN_DEFENSES.names()])
-            raise UserError(f"{where}: unknown defense {d!r}; known: {known}", source)
-        if c["train"].get("preset", "smoke") not in PRESETS:
-            raise UserError(f"{where}: unknown training preset {c['train'].get('preset')!r}", source)

@@ -4,17 +4,30 @@ Writes ``OUTDIR/report/``: ``report.md``, ``index.html`` (self-contained: images
 ``tables/*.csv`` and ``figures/*.png``. Tables follow the paper's shapes (Table 2: attacks x
 defenses; Table 5: larger bounds; Table 6: ablation variants x attacks with a mean; Table 13: JPEG
 qualities with a PSNR row; Table 1/7/8 and Sec. 5.2 for the other experiment kinds). When the
-dataset is CIFAR-10 the paper's numbers are printed beside ours as ``ours (paper)``.
-Accuracies are the mean over seeds (``± std`` when there are several).
+dataset is CIFAR-10 the paper's numbers are printed beside ours as ``ours (paper)``. Cells that measured
+their stages against the clean images (every purifying cell) add two tables: stage 1's ``p_hat`` against
+the true perturbation (corr with quartiles, energy removed) and, per stage, the poison left and the PSNR
+to the clean images; their ``residual.png`` grids (p, p_hat, p - p_hat) join the image grids.
+``table: {layout: ablation}`` (Tables 5-6 shape) shows accuracy with stage 1's corr and energy removed in
+each cell, the means over the attacks, the best defense per attack, and where each defense wins.
+Accuracies are the mean over seeds (``± std`` when there are several). ``table: {layout: efficacy}``
+lays a purify grid out per attack (bound, PSNR, surrogate accuracy, test accuracy, drop vs clean,
+accuracy without crop/flip, craft time).
+
+Names in a config or a dataset spec are user input: Markdown cells escape markup, CSV cells that would
+start a spreadsheet formula (``= + - @``) are quoted, and file names are built from a sanitised stem plus a
+hash of the spec, never from a raw path.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -41,12 +54,13 @@ _T2 = {
 _T13 = {"ntga": [66.83, 64.28, 60.19], "em": [70.48, 54.22, 42.23], "tap": [84.82, 77.98, 57.45],
         "rem": [77.73, 71.19, 63.39], "sep": [87.57, 82.25, 59.09], "lsp": [42.11, 33.99, 29.19],
         "ar": [89.17, 86.11, 80.01], "ops": [79.01, 68.68, 59.81]}
-#: Table 5: larger bounds (l_inf 16/255, l2 2.0)
-_T5_COLS = ["w/o", "AT", "AA", "ISS", "AVA.", "Ours"]
-_T5 = {"em": [10.09, 84.02, 49.23, 83.62, 85.61, 91.06], "tap": [18.45, 83.46, 52.92, 84.98, 89.43, 90.55],
-       "rem": [23.22, 35.41, 50.92, 75.50, 52.26, 79.18], "sep": [12.05, 83.98, 56.71, 85.00, 88.96, 90.93],
-       "lsp": [15.45, 79.10, 59.10, 41.41, 41.70, 86.43]}
-#: Table 6: ablation variants (keys are D-VAE's ``variant`` parameter values)
+#: Table 5: larger bounds (l_inf 16/255, l2 2.0). The paper's ISS column has no defense here (ISS is
+#: JPEG/grayscale compression, which Table 2's columns cover), so it is not carried.
+_T5_COLS = ["w/o", "AT", "AA", "AVA.", "Ours"]
+_T5 = {"em": [10.09, 84.02, 49.23, 85.61, 91.06], "tap": [18.45, 83.46, 52.92, 89.43, 90.55],
+       "rem": [23.22, 35.41, 50.92, 52.26, 79.18], "sep": [12.05, 83.98, 56.71, 88.96, 90.93],
+       "lsp": [15.45, 79.10, 59.10, 41.70, 86.43]}
+#: Table 6: ablation variants, named by :func:`dvae_variant` from D-VAE's real parameters
 _T6 = {"no_stage1": {"ntga": 78.62, "em": 91.85, "tap": 90.97, "rem": 82.06, "sep": 90.76, "lsp": 66.76,
                      "ar": 91.39, "ops": 51.71},
        "no_subtract_stage2": {"ntga": 87.44, "em": 91.18, "tap": 90.70, "rem": 85.21, "sep": 90.79, "lsp": 90.63,
@@ -61,6 +75,18 @@ _T7 = {("em", 0.2): (0.918, 1.0, 0.709, 0.830), ("rem", 0.2): (0.561, 1.0, 0.312
        ("em", 0.8): (0.982, 1.0, 0.978, 0.989), ("rem", 0.8): (0.958, 0.998, 0.951, 0.975),
        ("lsp", 0.8): (0.973, 1.0, 0.968, 0.984), ("ops", 0.8): (0.932, 0.997, 0.924, 0.959)}
 _DEF_COL = {"none": "w/o", "at": "AT", "ueraser": "AA", "bdr": "BDR", "gray": "Gray", "avatar": "AVA.", "dvae": "Ours"}
+
+
+def dvae_variant(params: dict[str, Any]) -> str | None:
+    """Which Table 6 row a D-VAE's parameters are: ``no_stage1`` (``skip_stage1``), ``no_subtract_stage2``
+    (``stage2_subtract: false``), or None (the full method, or both ablations at once)."""
+    skip = bool(params.get("skip_stage1", False))
+    no_sub = params.get("stage2_subtract", True) is False
+    if skip and not no_sub:
+        return "no_stage1"
+    if no_sub and not skip:
+        return "no_subtract_stage2"
+    return None
 
 
 def is_cifar10(spec: str) -> bool:
@@ -82,8 +108,9 @@ def paper_value(cfg: dict[str, Any]) -> float | None:
             large = True
         elif not (math.isclose(eps, 8 / 255, rel_tol=1e-3) or math.isclose(eps, 1.0)):
             return None
-    if d["name"] == "dvae" and params.get("variant") in _T6:
-        return None if large else _T6[params["variant"]].get(atk)
+    variant = dvae_variant(params) if d["name"] == "dvae" else None
+    if variant is not None:
+        return None if large else _T6[variant].get(atk)
     if d["name"] == "jpeg":
         q = int(params.get("quality", 10))
         if large:
@@ -116,17 +143,33 @@ def _fmt(vals: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" + (f" ± {float(np.std(vals)):.{digits}f}" if len(vals) > 1 else "")
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#~!])")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def md_escape(text: Any) -> str:
+    """Markdown-inert text: markup characters backslash-escaped, line breaks flattened."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+def csv_safe(text: Any) -> str:
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ (or tab/CR) gets a leading quote;
+    plain numbers (``-0.69``) are left as they are."""
+    s = str(text)
+    return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.match(s) else s
+
+
 class Table:
     def __init__(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
         self.title, self.header, self.rows, self.note = title, header, rows, note
 
     def markdown(self) -> str:
-        out = [f"### {self.title}", ""]
-        out.append("| " + " | ".join(self.header) + " |")
+        out = [f"### {md_escape(self.title)}", ""]
+        out.append("| " + " | ".join(map(md_escape, self.header)) + " |")
         out.append("|" + "---|" * len(self.header))
-        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        out += ["| " + " | ".join(map(md_escape, r)) + " |" for r in self.rows]
         if self.note:
-            out += ["", self.note]
+            out += ["", md_escape(self.note)]
         return "\n".join(out) + "\n"
 
     def html(self) -> str:
@@ -138,8 +181,8 @@ class Table:
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(self.header)
-        w.writerows(self.rows)
+        w.writerow([csv_safe(c) for c in self.header])
+        w.writerows([[csv_safe(c) for c in r] for r in self.rows])
         return buf.getvalue()
 
 
@@ -285,10 +328,10 @@ def fig_theorem2(res: dict[str, Any], path: Path) -> Path:
 
 
 # --- the report --------------------------------------------------------------------------------------------
-def _group(rows: list[dict[str, Any]], kind: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def _group(rows: list[dict[str, Any]], *kinds: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
     out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["config"]["kind"] == kind:
+        if r["config"]["kind"] in kinds:
             out[(str(r["config"]["dataset"]), str(r["config"]["model"]))].append(r)
     return out
 
@@ -311,6 +354,284 @@ def _metric_table(cells: list[dict[str, Any]], title: str, row_axes: list[str], 
         body.append(line)
     header = [*row_axes, *(h for _, h in cols)] + (["paper (CIFAR-10)"] if paper is not None else [])
     return Table(title, header, body)
+
+
+def _bound_text(info: dict[str, Any]) -> str:
+    norm, eps = info.get("norm"), info.get("eps")
+    if eps is None:
+        return "-"
+    if norm == "linf":
+        return f"l_inf {eps * 255:.0f}/255"
+    return f"l2 {eps:.3f}" if norm == "l2" else f"l0 {eps:.0f} px"
+
+
+def efficacy_table(cells: list[dict[str, Any]], title: str) -> Table:
+    """Attack efficacy, one row per attack (and defense, when a grid has several): the bound enforced, PSNR of
+    the poisoned set to the clean one, the surrogate's accuracy on its own poison, clean test accuracy, its drop
+    from the clean row (attack ``none``), accuracy without crop/flip (when measured) and the time to craft."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in cells:
+        groups[(axis_label(r["config"], "attack"), axis_label(r["config"], "defense"))].append(r)
+    several = len({d for _, d in groups}) > 1
+    no_aug = any((r["results"] or {}).get("acc_no_aug") is not None for r in cells)
+
+    def mean(g: list[dict[str, Any]], key: str) -> float | None:
+        v = [float(r["results"][key]) for r in g if r["status"] == "done" and r["results"].get(key) is not None]
+        return float(np.mean(v)) if v else None
+
+    clean = {d: mean(g, "final_acc") for (a, d), g in groups.items() if g[0]["config"]["attack"]["name"] == "none"}
+    body = []
+    for (atk, dfn), g in groups.items():
+        done = [r for r in g if r["status"] == "done"]
+        info = (done[0]["results"].get("attack_info") or {}) if done else {}
+        acc = mean(g, "final_acc")
+        sur = next((info[k] for k in ("surrogate_acc_poisoned", "surrogate_acc") if info.get(k) is not None), None)
+        sur_txt = "-" if sur is None else f"{sur:.1f}"
+        if info.get("target_hit_rate") is not None:
+            sur_txt += f" (target hit {info['target_hit_rate']:.1f})"
+        base = clean.get(dfn)
+        is_clean = g[0]["config"]["attack"]["name"] == "none"
+        psnr_a, craft, plain = mean(g, "psnr_attack"), mean(g, "craft_s"), mean(g, "acc_no_aug")
+        line = [atk] + ([dfn] if several else []) + [
+            _bound_text(info), "-" if is_clean or psnr_a is None else f"{psnr_a:.2f}", sur_txt,
+            _fmt([acc], 2) if acc is not None else (_status_text(g) or ""),
+            "-" if is_clean or acc is None or base is None else f"{base - acc:.1f}"]
+        if no_aug:
+            line.append("" if plain is None else f"{plain:.2f}")
+        line.append("-" if is_clean or craft is None else f"{craft:.0f}")
+        body.append(line)
+    header = ["attack"] + (["defense"] if several else []) + [
+        "bound", "PSNR (dB)", "surrogate acc on poison (%)", "test acc (%)", "drop (pts)"]
+    header += (["test acc, no crop/flip (%)"] if no_aug else []) + ["craft (s)"]
+    return Table(title, header, body)
+
+
+# --- measured against the clean images -----------------------------------------------------------------------
+def _finite(vals: list[Any]) -> list[float]:
+    return [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _dig(res: dict[str, Any] | None, *path: str) -> Any:
+    cur: Any = res or {}
+    for k in path:
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def _mean_text(vals: list[Any], digits: int = 3, pct: bool = False) -> str:
+    v = _finite(vals)
+    if not v:
+        inf = [x for x in vals if isinstance(x, (int, float)) and math.isinf(x)]
+        return ("inf" if inf[0] > 0 else "-inf") if inf and len(inf) == len(vals) else "-"
+    if pct:
+        v = [x * 100 for x in v]
+        return _fmt(v, 1) + "%"
+    return _fmt(v, digits)
+
+
+def _measure_axes(cells: list[dict[str, Any]]) -> list[str]:
+    axes = ["attack", "defense"]
+    if len({str(r["config"].get("ratio")) for r in cells}) > 1:
+        axes.append("ratio")
+    return axes
+
+
+def measurement_tables(cells: list[dict[str, Any]], where: str) -> list[tuple[str, Table]]:
+    """Stage 1's ``p_hat`` against the true perturbation, and every stage against the clean images, one row per
+    (attack, defense[, ratio]) and block (all images; the poisoned ones under partial poisoning), mean over seeds."""
+    measured = [r for r in cells if r["status"] == "done" and _dig(r["results"], "disentangle", "all")]
+    if not measured:
+        return []
+    axes = _measure_axes(measured)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in measured:
+        groups[tuple(axis_label(r["config"], a) for a in axes)].append(r)
+    blocks = ["all"] + (["subset"] if any(_dig(r["results"], "disentangle", "subset") for r in measured) else [])
+    s1_body, st_body = [], []
+    inputs_seen: set[tuple[Any, ...]] = set()
+    for key, g in groups.items():
+        for block in blocks:
+            reps = [r["results"]["disentangle"].get(block) for r in g]
+            reps = [b for b in reps if b]
+            if not reps:
+                continue
+            name = "all" if block == "all" else "poisoned"
+            if any(b.get("p_hat") for b in reps):
+                ph = [b["p_hat"] for b in reps if b.get("p_hat")]
+                cc = [float(np.mean(_finite(list((x.get("class_corr") or {}).values())) or [float("nan")]))
+                      for x in ph]
+                s1_body.append([*key, name, str(reps[0]["n"])] + [
+                    _mean_text([x["corr"][q] for x in ph]) for q in ("mean", "q25", "median", "q75")] + [
+                    _mean_text([x["energy_removed"] for x in ph], pct=True), _mean_text([x["share"] for x in ph]),
+                    _mean_text(cc), _mean_text([b["p_l2"]["mean"] for b in reps]),
+                    _mean_text([x["p_hat_l2"]["mean"] for x in ph])])
+            for stage in reps[0]["stages"]:
+                st = [b["stages"][stage] for b in reps if stage in b["stages"]]
+                row_key = list(key)
+                if stage == "input":  # the poisoned set itself: the same for every defense, shown once
+                    row_key[1] = "(any)"
+                    if (tuple(row_key), name) in inputs_seen:
+                        continue
+                    inputs_seen.add((tuple(row_key), name))
+                st_body.append([*row_key, name, stage, _mean_text([x["psnr_to_clean"] for x in st], 2),
+                                _mean_text([x["poison_left_share"] for x in st]),
+                                _mean_text([x["poison_left_corr"]["mean"] for x in st])])
+    out: list[tuple[str, Table]] = []
+    if s1_body:
+        out.append(("stage1", Table(f"Stage 1: p_hat against the true perturbation p = poisoned - clean — {where}",
+                         [*axes, "images", "n", "corr(p_hat, p) mean", "q25", "median", "q75", "energy removed",
+                          "share of p in p_hat", "class-mean corr", "mean l2 of p", "mean l2 of p_hat"], s1_body,
+                         "corr: per image (images without poison left out); energy removed: 1 - ||p - p_hat||² / "
+                         "||p||² over the images (negative: subtracting p_hat adds error); l2 in [0, 1] pixel units")))
+    out.append(("stages", Table(f"Every stage against the clean images — {where}",
+                     [*axes, "images", "stage", "PSNR to clean (dB)", "poison left (share of p)",
+                      "corr(stage - clean, p)"], st_body,
+                     "poison left: <stage - clean, p> / <p, p> (1 = all of it, 0 = none); '-' where there is no "
+                     "poison (the clean set)")))
+    return out
+
+
+def _is_full_dvae(cfg: dict[str, Any]) -> bool:
+    """The whole method (both stages, subtraction in stage 2), not one of its ablations."""
+    d = cfg["defense"]
+    params = d.get("params") or {}
+    return d["name"] == "dvae" and not params.get("skip_stage1") and params.get("stage2_subtract", True) is not False
+
+
+def ablation_table(cells: list[dict[str, Any]], title: str) -> Table:
+    """Tables 5-6 shape: defenses x attacks, accuracy with stage 1's corr(p_hat, p) and energy removed in each
+    cell, the mean over the poisons and over the effective ones (defense ``none`` loses >= 10 points to the
+    clean set), the best defense per attack, and a note saying where each defense wins and what the clean set
+    costs."""
+    defs: list[str] = []
+    atks: list[str] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    clean_atk: str | None = None
+    none_def: str | None = None
+    full: set[str] = set()
+    for r in cells:
+        a, d = axis_label(r["config"], "attack"), axis_label(r["config"], "defense")
+        defs += [d] if d not in defs else []
+        atks += [a] if a not in atks else []
+        groups[(d, a)].append(r)
+        if r["config"]["attack"]["name"] == "none":
+            clean_atk = a
+        if r["config"]["defense"]["name"] == "none":
+            none_def = d
+        if _is_full_dvae(r["config"]):
+            full.add(d)
+
+    def val(d: str, a: str, key: str = "final_acc") -> float | None:
+        v = _finite([(r["results"] or {}).get(key) for r in groups.get((d, a), []) if r["status"] == "done"])
+        return float(np.mean(v)) if v else None
+
+    poisons = [a for a in atks if a != clean_atk]
+    base = val(none_def, clean_atk) if none_def and clean_atk else None
+    effective = [a for a in poisons if base is not None and none_def is not None
+                 and val(none_def, a) is not None and base - val(none_def, a) >= 10]  # type: ignore[operator]
+    body = []
+    for d in defs:
+        line = [d]
+        for a in atks:
+            acc = val(d, a)
+            if acc is None:
+                line.append(_status_text(groups.get((d, a), [])) or "" if groups.get((d, a)) else "")
+                continue
+            txt = f"{acc:.2f}"
+            r_, e_ = val(d, a, "stage1_corr"), val(d, a, "stage1_energy_removed")
+            if r_ is not None or e_ is not None:
+                txt += f" [r {'-' if r_ is None else f'{r_:.2f}'}, E {'-' if e_ is None else f'{e_:.0%}'}]"
+            line.append(txt)
+        for subset in (poisons, effective):
+            v = [val(d, a) for a in subset]
+            line.append(f"{np.mean(v):.2f}" if subset and all(x is not None for x in v) else "-")
+        body.append(line)
+    best_line = ["best"]
+    wins: dict[str, list[str]] = defaultdict(list)
+    for a in atks:
+        scored = [(val(d, a), d) for d in defs if val(d, a) is not None and d != none_def]
+        if not scored:
+            best_line.append("")
+            continue
+        top = max(v for v, _ in scored)
+        winners = [d for v, d in scored if v >= top - 1e-9]
+        best_line.append(" / ".join(winners))
+        for w in winners:
+            wins[w].append(a)
+    body.append(best_line + ["", ""])
+    notes = ["cell: clean test accuracy (%) [r = corr(p_hat, p) per image, mean; E = poison energy stage 1 removed, "
+             "1 - ||p - p_hat||²/||p||²]."]
+    notes.append("effective poisons (w/o defense, >= 10 points below the clean set): "
+                 + (", ".join(effective) if effective else "none") + ".")
+    rates = _rates(cells)
+    if rates:
+        notes.append("rates (KLD limits, nats): " + "; ".join(f"{d}: {r}" for d, r in rates.items()) + ".")
+    won = "; ".join(f"{d} on {', '.join(a)}" for d, a in wins.items())
+    notes.append(f"wins (best accuracy; w/o excluded): {won or '-'}.")
+    if base is not None and clean_atk is not None:
+        cost = [f"{d} {base - v:.2f}" for d in defs if d != none_def and (v := val(d, clean_atk)) is not None]
+        notes.append(f"cost on the clean set (points below w/o, {base:.2f}): " + (", ".join(cost) or "-") + ".")
+        for d in sorted(full):
+            gaps = [f"{a} {base - v:.2f}" for a in effective if (v := val(d, a)) is not None]
+            if gaps:
+                notes.append(f"{d}: points below clean on the effective poisons: {', '.join(gaps)}.")
+    header = ["defense \\ attack", *atks, "Mean (poisons)", "Mean (effective)"]
+    return Table(title, header, body, " ".join(notes))
+
+
+def _rates(cells: list[dict[str, Any]]) -> dict[str, str]:
+    """The KLD limits each VAE-family defense actually ran with (from its recorded config), so "at the same rate"
+    is checked on the numbers, not on the labels."""
+    out: dict[str, str] = {}
+    for r in cells:
+        cfg = _dig(r["results"], "defense_info", "config")
+        name = r["config"]["defense"]["name"]
+        d = axis_label(r["config"], "defense")
+        if not isinstance(cfg, dict) or d in out:
+            continue
+        if name == "dvae":
+            s1 = "" if cfg.get("skip_stage1") else f"stage 1 {cfg.get('kld_limit1')}, "
+            out[d] = f"{s1}stage 2 {cfg.get('kld_limit2')}"
+        elif name == "vae":
+            out[d] = f"{cfg.get('kld_limit')}"
+    return out
+
+
+def disentangle_check_table(cells: list[dict[str, Any]], title: str) -> Table:
+    """Per attack: stage 1's corr(p_hat, p) and energy removed beside the Table 1 accuracies of a classifier
+    trained on clean + p_hat (T, D, P) and the PSNR of the output to the clean images."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in cells:
+        groups[axis_label(r["config"], "attack")].append(r)
+    body = []
+    for atk, g in groups.items():
+        done = [r["results"] for r in g if r["status"] == "done" and r["results"]]
+        if not done:
+            body.append([atk] + [_status_text(g) or ""] * 7)
+            continue
+        body.append([atk, _mean_text([x.get("stage1_corr") for x in done]),
+                     _mean_text([x.get("stage1_energy_removed") for x in done], pct=True),
+                     _mean_text([x.get("poison_left") for x in done]),
+                     _mean_text([x.get("psnr_clean") for x in done], 2),
+                     _mean_text([x.get("acc_clean_train") for x in done], 2),
+                     _mean_text([x.get("acc_clean_test") for x in done], 2),
+                     _mean_text([x.get("acc_poisoned_train") for x in done], 2)])
+    return Table(title, ["attack", "stage-1 corr(p_hat, p)", "energy removed", "poison left (output)",
+                         "PSNR output to clean (dB)", "T: clean train", "D: clean test", "P: poisoned"], body,
+                 "T, D, P: accuracy (%) of a classifier trained on clean + p_hat (the paper's Table 1): p_hat that is "
+                 "the poison gives a low D and a high P.")
+
+
+def file_tag(spec: str, model: Any = None) -> str:
+    """A file-name part for a (dataset, model) group: a readable stem of the spec plus a hash of the whole
+    spec, so no raw path (``..``, separators, odd characters) ever reaches a file name."""
+    last = re.split(r"[/\\]", str(spec).rstrip("/\\"))[-1]
+    m = re.match(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", last)
+    stem = m.group(0) if m else "data"
+    tag = f"{stem}-{hashlib.sha256(str(spec).encode()).hexdigest()[:6]}"
+    return tag if model is None else f"{tag}-{_safe(str(model))[:32]}"
 
 
 def _t7(cfg: dict[str, Any]) -> tuple[float, ...] | None:
@@ -337,7 +658,18 @@ def build_report(outdir: str | Path) -> Path:
     figures: list[tuple[str, Path]] = []
 
     for (ds, model), cells in _group(rows, "purify").items():
-        tag = f"{Path(ds).name.split(':')[0]}-{model}"
+        tag = file_tag(ds, model)
+        if spec.get("layout") == "efficacy":
+            tables.append((f"{meta.get('name')}-{tag}", efficacy_table(cells, f"{title} — {ds}, {model}")))
+            continue
+        if spec.get("layout") == "ablation":
+            tables.append((f"{meta.get('name')}-{tag}", ablation_table(cells, f"{title} — {ds}, {model}")))
+            p = fig_bars(pivot(cells, "attack", "defense"), rdir / "figures" / f"bars-{tag}.png",
+                         f"per-attack accuracy — {ds}, {model}")
+            if p:
+                figures.append((f"Per-attack accuracy ({ds}, {model})", p))
+            tables += [(f"{n}-{tag}", t) for n, t in measurement_tables(cells, f"{ds}, {model}")]
+            continue
         t = pivot(cells, spec.get("rows", "attack"), spec.get("cols", "defense"), title=f"{title} — {ds}, {model}",
                   mean_row=bool(spec.get("mean_row")), mean_col=bool(spec.get("mean_col")),
                   psnr_row=bool(spec.get("psnr_row")), with_paper=is_cifar10(ds) and model == "resnet18")
@@ -353,7 +685,9 @@ def build_report(outdir: str | Path) -> Path:
         if any(r["results"] and r["results"].get("psnr") is not None for r in cells):
             tables.append((f"psnr-{tag}", pivot(cells, spec.get("rows", "attack"), spec.get("cols", "defense"),
                                                 value="psnr", title=f"PSNR(poisoned, purified) dB — {ds}, {model}")))
-    for (ds, model), cells in _group(rows, "disentangle").items():
+        tables += [(f"{n}-{tag}", t) for n, t in measurement_tables(cells, f"{ds}, {model}")]
+    # ``disentangle``: the kind's name before it measured every stage (stores written then still report)
+    for (ds, model), cells in _group(rows, "disentangle-check", "disentangle").items():
         body = []
         for key, name in (("acc_clean_train", "clean train T"), ("acc_clean_test", "clean test D"),
                           ("acc_poisoned_train", "poisoned P")):
@@ -361,12 +695,17 @@ def build_report(outdir: str | Path) -> Path:
         atks = pivot(cells, "model", "attack").header[1:]
         t = Table(f"Table 1: accuracy (%) of a model trained on clean + p_hat — {ds}, {model}", ["test set", *atks],
                   body)
-        tables.append((f"table1-{Path(ds).name}-{model}", t))
+        tag = file_tag(ds, model)
+        tables.append((f"table1-{tag}", t))
+        if any(_dig(r["results"], "disentangle", "all") for r in cells):
+            tables.append((f"disentangle-{tag}", disentangle_check_table(
+                cells, f"Does stage 1 take the poison out? — {ds}, {model}")))
+            tables += [(f"{n}-{tag}", t) for n, t in measurement_tables(cells, f"{ds}, {model}")]
     for (ds, model), cells in _group(rows, "detect").items():
         t = _metric_table(cells, f"Table 7: poisoned-sample detection — {ds}, {model}", ["attack", "ratio"],
                           [("det_acc", "Acc."), ("recall", "Recall"), ("precision", "Precision"), ("f1", "F1")],
                           paper=_t7 if is_cifar10(ds) else None)
-        tables.append((f"table7-{Path(ds).name}-{model}", t))
+        tables.append((f"table7-{file_tag(ds, model)}", t))
     for (ds, model), cells in _group(rows, "partial").items():
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in cells:
@@ -377,14 +716,14 @@ def build_report(outdir: str | Path) -> Path:
             t = pivot(g, "defense", "ratio")
             header = ["attack", *t.header]
             body += [[atk, *row] for row in t.rows]
-        tables.append((f"table8-{Path(ds).name}-{model}",
+        tables.append((f"table8-{file_tag(ds, model)}",
                        Table(f"Table 8: accuracy (%) under partial poisoning — {ds}, {model}", header, body)))
     for (ds, model), cells in _group(rows, "amplify").items():
         t = _metric_table(cells, f"Sec. 5.2: D-VAE-amplified poison — {ds}, {model}", ["attack", "ratio"],
                           [("final_acc", "test acc. (amplified)"),
                            ("acc_small_poison_only", "test acc. (small poison)")],
                           digits=2)
-        tables.append((f"amplify-{Path(ds).name}-{model}", t))
+        tables.append((f"amplify-{file_tag(ds, model)}", t))
     for r in rows:
         if r["config"]["kind"] == "theorem2" and r["status"] == "done":
             res = r["results"]
@@ -395,28 +734,43 @@ def build_report(outdir: str | Path) -> Path:
                 body, f"all hold: {res['all_hold']}; KLD increasing in r: {res['kld_increasing_in_r']}")))
             figures.append(("Theorem 2", fig_theorem2(res, rdir / "figures" / "theorem2.png")))
             break
+    deps = [r for r in rows if r["config"]["kind"] == "train-diffusion"]
+    if deps:
+        tables.append(("dependencies", Table(
+            "Dependencies: diffusion models the AVATAR cells denoise with",
+            ["cell", "status", "final loss", "parameters (M)"],
+            [[r["key"], r["status"], _num_text((r["results"] or {}).get("final_loss"), "{:.4f}"),
+              _num_text((r["results"] or {}).get("parameters"), "{:.2f}", 1e-6)] for r in deps])))
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         tables.append(("failed", Table("Failed cells", ["cell", "error"],
                                        [[r["key"], (r["error"] or "").splitlines()[0][:200]] for r in failed])))
     grids = [(r["key"], outdir / "cells" / r["cell_id"] / "grid.png") for r in rows
              if (outdir / "cells" / r["cell_id"] / "grid.png").exists()][:16]
+    # residual grids (p, p_hat, p - p_hat): the cells with a stage-1 p_hat first
+    res = sorted((r for r in rows if (outdir / "cells" / r["cell_id"] / "residual.png").exists()),
+                 key=lambda r: (r["results"] or {}).get("stage1_corr") is None)
+    grids += [(f"{r['key']} — p, p_hat, p - p_hat", outdir / "cells" / r["cell_id"] / "residual.png")
+              for r in res][:16]
     for name, t in tables:
         write_text_atomic(rdir / "tables" / f"{_safe(name)}.csv", t.csv())
     timings = [r["timings"].get("total", 0.0) for r in rows if r["timings"]]
     summary = (f"grid **{meta.get('name')}** (preset {meta.get('preset')}, fingerprint {meta.get('fingerprint')}): "
                f"{len(rows)} cells — " + ", ".join(f"{k} {v}" for k, v in counts.items()) +
                f"; cell time total {sum(timings) / 60:.1f} min")
-    md = [f"# {title}", "", summary, ""]
+    note = str(cfg.get("note") or "")
+    md = [f"# {md_escape(title)}", "", md_escape(summary).replace("\\*\\*", "**"), ""]
+    md += [md_escape(note), ""] if note else []
     md += [t.markdown() for _, t in tables]
-    md += [f"![{n}](figures/{p.name})" for n, p in figures]
-    md += ["", "## Image grids", ""] + [f"- {k}: `{p.relative_to(outdir)}`" for k, p in grids]
+    md += [f"![{md_escape(n)}](figures/{p.name})" for n, p in figures]
+    md += ["", "## Image grids", ""] + [f"- {md_escape(k)}: `{p.relative_to(outdir)}`" for k, p in grids]
     write_text_atomic(rdir / "report.md", "\n".join(md) + "\n")
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
             "margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}"
             "td:first-child{text-align:left}.note{color:#666;font-size:12px}img{max-width:100%}</style></head><body>",
             f"<h1>{html.escape(title)}</h1><p>{html.escape(summary.replace('**', ''))}</p>"]
+    page += [f"<p class='note'>{html.escape(note)}</p>"] if note else []
     page += [t.html() for _, t in tables]
     for n, p in figures:
         page.append(f"<h3>{html.escape(n)}</h3>{_img(p)}")
@@ -427,6 +781,10 @@ def build_report(outdir: str | Path) -> Path:
     out = rdir / "index.html"
     write_text_atomic(out, "\n".join(page))
     return out
+
+
+def _num_text(v: Any, fmt: str, scale: float = 1.0) -> str:
+    return fmt.format(float(v) * scale) if isinstance(v, (int, float)) else ""
 
 
 def _img(p: Path) -> str:

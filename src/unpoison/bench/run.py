@@ -1,21 +1,29 @@
 """Run one benchmark cell: load data -> attack (cached) -> purify or train-time defense -> evaluate.
 
 Every cell writes ``OUTDIR/cells/<id>/manifest.json`` (and an image grid for purifying cells) and
-returns a record ``{status, results, manifest, timings, error}`` that the driver puts in the store.
-Poisoned training sets are cached per (dataset, subset, attack, bound, params, ratio, seed) in
-``OUTDIR/cache/attacks`` (written atomically, computed once even with parallel workers thanks to a
-file lock), so a table's defenses all see the same poison and a rerun never recomputes it.
-Purifiers that checkpoint get ``OUTDIR/cells/<id>/ckpt`` with ``resume=True``: a killed cell
-continues where it stopped.
+returns a record ``{status, results, manifest, timings, error, data_digest}`` that the driver puts in
+the store. Poisoned training sets are cached in ``OUTDIR/cache/attacks`` keyed by content: the dataset's
+digest (a streamed hash of its images and labels), the subset, the attack's name, bound, parameters,
+preset, ratio and seed, and the attack's code version; written atomically and computed once even with
+parallel workers (a file lock), so a table's defenses all see the same poison, a rerun never recomputes
+it, and changed data or attack code never reuses it. Purifiers that checkpoint get
+``OUTDIR/cells/<id>/ckpt`` with ``resume=True``: a killed cell continues where it stopped.
 
-``kind`` selects the experiment (:data:`KINDS`): ``purify`` (Tables 2, 5, 6, 13, Fig. 2/6),
-``disentangle`` (Table 1), ``detect`` (Table 7), ``partial`` (Table 8), ``amplify`` (Sec. 5.2),
-``theorem2`` (the numerical check of Theorem 2).
+``kind`` selects the experiment (:data:`KINDS`): ``purify`` (Tables 2, 5, 6, 13, Fig. 2/6, attack
+efficacy), ``disentangle-check`` (Table 1 and how much poison each stage removed), ``detect`` (Table 7),
+``partial`` (Table 8), ``amplify`` (Sec. 5.2), ``theorem2`` (the numerical check of Theorem 2), and
+``train-diffusion`` (a dependency: AVATAR's DDPM).
+
+A cell poisons clean data itself, so the clean images are always known: every purifying cell measures
+each stage against them (:func:`unpoison.disentangle.purification_report`: stage 1's corr(p_hat, p) and
+poison energy removed, the poison left and the PSNR to the clean images after each stage, on the
+poisoned images alone under partial poisoning) and writes ``residual.png`` (p, p_hat, p - p_hat).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -23,6 +31,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +39,70 @@ import numpy as np
 
 from .._registry import Registry
 from ..data import ImageDataset, load_dataset
+from ..data.fingerprint import dataset_fingerprint
+from ..disentangle import add_perturbation
+from ..errors import UserError
 from ..utils import Timer, atomic_path, manifest, parse_fraction, psnr, write_json
 from .grid import Cell, import_plugins, short_hash
 
 KindFn = Callable[["CellContext"], dict[str, Any]]
+#: file name of the DDPM a ``train-diffusion`` cell leaves in its folder
+DIFFUSION_FILE = "diffusion.pt"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """An experiment function plus what its cells may hold, for the check before a grid starts.
+
+    ``params``: the ``params:`` keys it reads -> (type, default, help). ``defense``: what its defense axis
+    may name: ``any`` (none, a purifier or a training-time defense), ``purifier`` (none or a purifier),
+    ``stage1`` (a purifier exposing a stage-1 ``p_hat``; none means dvae), ``apply`` (like stage1, and
+    able to infer ``p_hat`` on new images), ``none``.
+    """
+
+    name: str
+    fn: KindFn
+    help: str
+    params: dict[str, tuple[Any, Any, str]] = field(default_factory=dict)
+    defense: str = "any"
+
+
 #: experiment functions, selected by a cell's ``kind``
-KINDS: Registry[KindFn] = Registry("cell kind")
+KINDS: Registry[Kind] = Registry("cell kind")
 
 
-def attack_registry() -> Registry | None:
-    """The attack registry, or ``None`` while ``unpoison.attacks`` is not installed."""
-    try:
-        from ..attacks import ATTACKS
-    except ImportError:
-        return None
-    return ATTACKS
+def kind(name: str, help: str, params: dict[str, tuple[Any, Any, str]] | None = None,  # noqa: A002
+         defense: str = "any") -> Callable[[KindFn], KindFn]:
+    """Register an experiment function as cell kind ``name``."""
+
+    def deco(fn: KindFn) -> KindFn:
+        KINDS.register(name, help)(Kind(name, fn, help, dict(params or {}), defense))
+        return fn
+
+    return deco
+
+
+# --- data, keyed by content -----------------------------------------------------------------------------
+def dataset_digest(ds: ImageDataset) -> str:
+    """What caches and finished cells are keyed by: the content of both splits (streamed, so a memory-mapped
+    dataset is never read whole), never the spec or path (:func:`unpoison.data.fingerprint.dataset_fingerprint`)."""
+    return dataset_fingerprint(ds)
+
+
+@functools.lru_cache(maxsize=4)
+def load_for_cell(spec: str, n_train: int | None, n_test: int | None, seed: int) -> tuple[ImageDataset, str]:
+    """The (subset of the) dataset a cell uses and the content digest of the whole dataset (cached per process;
+    callers get the cached object, so they must not change its arrays: see :meth:`CellContext.data`)."""
+    ds = load_dataset(spec)
+    digest = dataset_digest(ds)
+    if n_train is not None or n_test is not None:
+        ds = ds.subset(n_train, n_test, seed)
+    return ds, digest
+
+
+def subset_args(c: dict[str, Any]) -> tuple[str, int | None, int | None, int]:
+    sub = c.get("subset") or {}
+    return str(c["dataset"]), sub.get("n_train"), sub.get("n_test"), int(sub.get("seed", 0))
 
 
 class CellContext:
@@ -59,43 +117,52 @@ class CellContext:
         self.timer = Timer()
         self.seed = int(self.c.get("seed", 0))
         self.device = self.c.get("device", "auto")
+        self.digest = cell.data
         self.extra: dict[str, Any] = {}
 
     # --- data ---------------------------------------------------------------------------------
     def data(self) -> ImageDataset:
-        sub = self.c.get("subset") or {}
+        """The cell's data: a private copy (the loaded dataset is cached and shared by the cells of a process)."""
         with self.timer("load"):
-            return _load(str(self.c["dataset"]), sub.get("n_train"), sub.get("n_test"), int(sub.get("seed", 0)))
+            ds, digest = load_for_cell(*subset_args(self.c))
+        if self.cell.data and digest != self.cell.data:
+            raise UserError(f"dataset {self.c['dataset']!r} changed since the grid was checked (content digest "
+                            f"{digest[:12]} != {self.cell.data[:12]}); rerun to recompute")
+        self.digest = digest
+
+        def own(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else np.array(a, copy=True)
+
+        return dataclasses.replace(ds, x_train=own(ds.x_train), y_train=own(ds.y_train), x_test=own(ds.x_test),
+                                   y_test=own(ds.y_test), classes=list(ds.classes), attrs=dict(ds.attrs))
 
     # --- attack (cached) ----------------------------------------------------------------------
-    def poison(self, ds: ImageDataset, ratio: float | None = None, x: np.ndarray | None = None,
-               y: np.ndarray | None = None, tag: str = "") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Poisoned copy of ``x`` (default: the training split), poisoned indices, attack info."""
+    def poison(self, ds: ImageDataset, ratio: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Poisoned copy of the training split, poisoned indices, attack info (from the content-keyed cache)."""
+        from ..attacks import ATTACKS, make_attack
+
         a = self.c["attack"]
-        x = ds.x_train if x is None else x
-        y = ds.y_train if y is None else y
+        x, y = ds.x_train, ds.y_train
         ratio = float(ratio if ratio is not None else a.get("ratio", self.c.get("ratio", 1.0)))
         if a["name"] == "none":
             return x, np.zeros(0, dtype=np.int64), {"attack": "none"}
-        key = short_hash({"dataset": self.c["dataset"], "subset": self.c.get("subset"), "attack": a["name"],
-                          "eps": a.get("eps"), "params": a["params"], "ratio": ratio, "seed": self.seed,
-                          "preset": self.c.get("attack_preset"), "tag": tag, "n": len(x)}, 16)
+        eps = None if a.get("eps") is None else parse_fraction(a["eps"], "eps")
+        kw: dict[str, Any] = dict(a["params"])
+        if self.c.get("attack_preset"):
+            kw.setdefault("preset", self.c["attack_preset"])
+        key = short_hash({"data": self.digest, "subset": self.c.get("subset"), "n": len(x), "attack": a["name"],
+                          "eps": eps, "params": kw, "ratio": ratio, "seed": self.seed,
+                          "code": ATTACKS.get(a["name"]).code_version()}, 16)
         cache = self.outdir / "cache" / "attacks"
         path = cache / f"{a['name']}-{key}.npz"
         with self.timer("attack"), _file_lock(cache / f"{a['name']}-{key}.lock"):
             if path.exists():
                 with np.load(path, allow_pickle=False) as z:
-                    self.extra.setdefault("attack_cache", []).append({"path": str(path), "hit": True})
-                    return z["x"], z["indices"], json.loads(str(z["info"]))
-            from ..attacks import make_attack
-
-            eps = None if a.get("eps") is None else parse_fraction(a["eps"], "eps")
-            kw: dict[str, Any] = dict(a["params"])
-            if self.c.get("attack_preset"):
-                kw["preset"] = self.c["attack_preset"]
-            atk = make_attack(a["name"], eps=eps, seed=self.seed, device=self.device, progress=self.progress, **kw)
-            if getattr(atk, "supports_checkpoint", False):
-                atk.checkpoint_dir, atk.resume = str(cache / f"{a['name']}-{key}.ckpt"), True
+                    if z["x"].shape == x.shape:
+                        self.extra.setdefault("attack_cache", []).append({"path": str(path), "hit": True})
+                        return z["x"], z["indices"], json.loads(str(z["info"]))
+            atk = make_attack(a["name"], eps=eps, seed=self.seed, device=self.device, progress=self.progress,
+                              checkpoint_dir=str(cache / f"{a['name']}-{key}.ckpt"), resume=True, **kw)
             res = atk.poison(x, y, ratio=ratio)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, x=res.x, indices=res.indices, info=np.array(json.dumps(res.info, default=str)))
@@ -109,33 +176,29 @@ class CellContext:
 
         d = self.c["defense"]
         name = name or d["name"]
-        cls = DEFENSES.get(name)
         kw = dict(d["params"] if params is None else params)
-        common = {"device": self.device, "seed": self.seed, "progress": self.progress}
-        kw.update({k: v for k, v in common.items() if k in cls.COMMON and k not in kw})
-        if cls.supports_checkpoint:
-            kw["checkpoint_dir"] = str(self.dir / "ckpt" / sub)
-            kw["resume"] = True
-        return make_purifier(name, **kw)
+        if name == "avatar" and not kw.get("checkpoint") and self.c.get("diffusion_cell"):
+            kw["checkpoint"] = str(self.outdir / "cells" / self.c["diffusion_cell"] / DIFFUSION_FILE)
+        ckpt = str(self.dir / "ckpt" / sub) if DEFENSES.get(name).supports_checkpoint else None
+        return make_purifier(name, device=self.device, seed=self.seed, progress=self.progress,
+                             checkpoint_dir=ckpt, resume=ckpt is not None, **kw)
 
-    def train_config(self) -> Any:
+    def train_config(self, **changes: Any) -> Any:
+        """The cell's scoring config: ``train:`` with the defense entry's ``train:`` on top, then ``changes``."""
         from ..train import TrainConfig
 
-        t = dict(self.c.get("train") or {})
+        t = {**(self.c.get("train") or {}), **(self.c["defense"].get("train") or {})}
         preset = t.pop("preset", "smoke")
         t["model"] = self.c.get("model") or t.get("model")
-        cfg = TrainConfig.preset(preset, **{k: v for k, v in t.items() if k != "flip"})
-        if "flip" in t:
-            cfg.flip = bool(t["flip"])
-        return cfg
+        return dataclasses.replace(TrainConfig.preset(preset, **t), **changes)
 
     def train(self, train: ImageDataset, test: ImageDataset | None = None, train_defense: Any = None,
-              desc: str = "train") -> Any:
+              desc: str = "train", config: Any = None) -> Any:
         from ..train import train_classifier
 
         with self.timer("train"):
-            return train_classifier(train, test, self.train_config(), self.seed, self.device, train_defense,
-                                    progress=self.progress, desc=desc)
+            return train_classifier(train, test, config or self.train_config(), self.seed, self.device,
+                                    train_defense, progress=self.progress, desc=desc)
 
     def save_grid(self, rows: dict[str, np.ndarray], title: str) -> None:
         from ..viz import save_image_grid
@@ -145,15 +208,7 @@ class CellContext:
             save_image_grid(rows, self.dir / "grid.png", title=title)
 
 
-# --- caching helpers ---------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _load(spec: str, n_train: int | None, n_test: int | None, seed: int) -> ImageDataset:
-    ds = load_dataset(spec)
-    if n_train is not None or n_test is not None:
-        ds = ds.subset(n_train, n_test, seed)
-    return ds
-
-
+# --- helpers -------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,21 +220,36 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _acc_on(model: Any, x: np.ndarray, y: np.ndarray) -> float:
-    from ..train import predict, to_device_images
+def _measure(ctx: CellContext, x_clean: np.ndarray, x_p: np.ndarray, idx: np.ndarray, stages: dict[str, Any],
+             p_hat: np.ndarray | None, x_out: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Every stage of a purifier (``stages``, its stage-1 ``p_hat``) against the clean images (the report's
+    per-stage numbers), and the residual grid (``residual.png``: p, p_hat, p - p_hat, output - clean) of up
+    to 8 poisoned images."""
+    from ..disentangle import headline, purification_report, save_residual_grid, true_perturbation
 
-    dev = next(model.parameters()).device
-    p = predict(model, to_device_images(x, dev)).cpu().numpy()
-    return float((p == y).mean() * 100) if len(y) else float("nan")
+    with ctx.timer("measure"):
+        rep = purification_report(x_clean, x_p, x_out, stages, p_hat, y, subset=idx)
+        if len(idx):
+            show = np.sort(np.asarray(idx))[:8]
+            save_residual_grid(true_perturbation(x_clean[show], x_p[show]),
+                               None if p_hat is None else np.asarray(p_hat)[show], ctx.dir / "residual.png",
+                               x0=x_p[show],
+                               left={"output - clean": x_out[show].astype(np.float32) - x_clean[show]},
+                               title=f"{ctx.c['attack']['label']} / {ctx.c['defense']['label']}: p, p_hat, "
+                                     "p - p_hat")
+    return {"disentangle": rep, **headline(rep)}
 
 
 # --- experiment kinds --------------------------------------------------------------------------------------
-@KINDS.register("purify", "attack -> pre-training purifier or training-time defense -> clean test accuracy")
+@kind("purify", "attack -> pre-training purifier or training-time defense -> clean test accuracy",
+      params={"no_aug_column": (bool, False, "also score without crop + flip (what the augmentation defeats)")})
 def kind_purify(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds)
     d = ctx.c["defense"]
     out: dict[str, Any] = {"attack_info": ainfo, "n_poisoned": int(len(idx)), "psnr_attack": psnr(ds.x_train, x_p)}
+    if "timings_s" in ainfo:
+        out["craft_s"] = ainfo["timings_s"].get("craft")  # from the cache's record: the time it took to make
     x_train, train_defense = x_p, None
     from ..defenses import DEFENSES
 
@@ -193,11 +263,13 @@ def kind_purify(ctx: CellContext) -> dict[str, Any]:
                 x_mm, info = purify_in_processes(d["name"], d["params"], x_p, ds.y_train, nproc, ctx.dir / "nproc",
                                                     ctx.seed, str(ctx.device))
             x_train, stages = np.array(x_mm), {}  # a cell's set is small: in memory for its PSNRs and grid
+            p_file = ctx.dir / "nproc" / "out.report" / "p_hat.npy"  # the run's report keeps stage 1's p_hat
+            p_hat = np.load(p_file) if p_file.is_file() else None
         else:
             pur = ctx.purifier()
             with ctx.timer("purify"):
                 x_train = pur.fit_purify(x_p, ds.y_train)
-            info, stages = pur.info_, pur.stages_
+            info, stages, p_hat = pur.info_, pur.stages_, pur.extras_.get("p_hat")
         out["defense_info"] = info
         out["psnr"] = psnr(x_p, x_train)
         out["psnr_clean"] = psnr(ds.x_train, x_train)
@@ -206,6 +278,7 @@ def kind_purify(ctx: CellContext) -> dict[str, Any]:
         ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **stages, "purified": x_train,
                        "residual": residual_image(x_p, x_train)},
                       f"{ctx.c['attack']['label']} / {d['label']}: PSNR {out['psnr']:.2f} dB")
+        out.update(_measure(ctx, ds.x_train, x_p, idx, stages, p_hat, x_train, ds.y_train))
     elif d["name"] != "none":
         from ..defenses import make_train_defense
 
@@ -218,6 +291,14 @@ def kind_purify(ctx: CellContext) -> dict[str, Any]:
     res = ctx.train(ds.replace(x_train=x_train), train_defense=train_defense, desc=ctx.cell.key[-40:])
     out.update(final_acc=res.final_acc, best_acc=res.best_acc, best_epoch=res.best_epoch,
                per_class_acc=res.per_class_acc, images_per_s=res.images_per_s)
+    if (ctx.c.get("params") or {}).get("no_aug_column"):
+        plain = ctx.train_config(crop_pad=0, flip=False)
+        if train_defense is not None:
+            from ..defenses import make_train_defense
+
+            train_defense = make_train_defense(d["name"], **d["params"])  # a fresh one: defenses keep state
+        out["acc_no_aug"] = ctx.train(ds.replace(x_train=x_train), train_defense=train_defense, config=plain,
+                                      desc="no crop/flip").final_acc
     return out
 
 
@@ -233,26 +314,39 @@ def _p_hat(ctx: CellContext, x: np.ndarray, y: np.ndarray, x_apply: np.ndarray |
                             checkpoint_dir=str(ctx.dir / "ckpt" / "stage1"))
 
 
-def _add(x: np.ndarray, p_hat: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x.astype(np.float32) + p_hat), 0, 255).astype(np.uint8)
-
-
-@KINDS.register("disentangle", "Table 1: clean + D-VAE's p_hat still poisons (acc on clean train/test, poisoned)")
-def kind_disentangle(ctx: CellContext) -> dict[str, Any]:
-    ds = ctx.data()
-    x_p, idx, ainfo = ctx.poison(ds)
-    p_hat, info = _p_hat(ctx, x_p, ds.y_train)
-    x_hat = _add(ds.x_train, p_hat)
-    res = ctx.train(ds.replace(x_train=x_hat), desc="train on clean + p_hat")
-    out = {"attack_info": ainfo, "stage1_info": info, "final_acc": res.final_acc,
-           "acc_clean_train": _acc_on(res.model, ds.x_train, ds.y_train), "acc_clean_test": res.final_acc,
-           "acc_poisoned_train": _acc_on(res.model, x_p, ds.y_train),
-           "p_hat_l2": float(np.sqrt(((p_hat / 255.0) ** 2).reshape(len(p_hat), -1).sum(1)).mean()),
-           "psnr": psnr(ds.x_train, x_hat)}
+@kind("disentangle-check", "Table 1 + per stage: how much poison each stage removed (corr(p_hat, p), energy "
+      "removed, poison left, PSNR to clean); clean + p_hat still poisons (acc on clean train/test, poisoned)",
+      defense="stage1")
+def kind_disentangle_check(ctx: CellContext) -> dict[str, Any]:
+    """Purify (both stages), measure every stage against the clean images, then the paper's Table 1 check: a
+    classifier trained on clean + p_hat, scored on the clean training images T, the clean test images D and the
+    poisoned images P (defense ``none`` means dvae)."""
+    from ..disentangle import table1_check
     from ..viz import residual_image
 
+    ds = ctx.data()
+    x_p, idx, ainfo = ctx.poison(ds)
+    d = ctx.c["defense"]
+    name = d["name"] if d["name"] != "none" else "dvae"
+    pur = ctx.purifier(name, d["params"] if d["name"] != "none" else {})
+    with ctx.timer("purify"):
+        x_out = pur.fit_purify(x_p, ds.y_train)
+    p_hat = pur.extras_.get("p_hat")
+    if p_hat is None:
+        raise UserError(f"defense {name!r} exposes no stage-1 p_hat; the disentangle check needs one (e.g. dvae)")
+    out: dict[str, Any] = {"attack_info": ainfo, "defense_info": pur.info_, "n_poisoned": int(len(idx)),
+                           "psnr": psnr(x_p, x_out), "psnr_clean": psnr(ds.x_train, x_out)}
+    out.update(_measure(ctx, ds.x_train, x_p, idx, pur.stages_, p_hat, x_out, ds.y_train))
+    with ctx.timer("train"):
+        t1 = table1_check(ds.x_train, ds.y_train, p_hat, x_p, ds.x_test, ds.y_test, ctx.train_config(), ctx.seed,
+                          ctx.device, ctx.progress, ds.classes)
+    out.update(t1, final_acc=t1["acc_clean_test"])
+    x_hat = add_perturbation(ds.x_train, p_hat)
+    corr = out.get("stage1_corr")
     ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, "clean + p_hat": x_hat,
-                   "p_hat": residual_image(x_hat, ds.x_train)}, f"{ctx.c['attack']['label']}: disentangled p_hat")
+                   "p_hat": residual_image(x_hat, ds.x_train), **pur.stages_, "purified": x_out},
+                  f"{ctx.c['attack']['label']}: disentangled p_hat, corr(p_hat, p) "
+                  f"{'n/a' if corr is None else f'{corr:.2f}'}")
     return out
 
 
@@ -281,7 +375,14 @@ def _detect(ctx: CellContext, ds: ImageDataset, x_p: np.ndarray) -> tuple[np.nda
     return res.flags, res.info
 
 
-@KINDS.register("detect", "Table 7: flag poisoned samples from D-VAE's stage-1 p_hat (acc, recall, precision, F1)")
+_DETECT_PARAMS: dict[str, tuple[Any, Any, str]] = {
+    "detector": (str, "dvae", "purifier whose stage-1 p_hat flags samples"),
+    "detector_params": (dict, None, "its parameters (default: the defense entry's when it is dvae)"),
+}
+
+
+@kind("detect", "Table 7: flag poisoned samples from D-VAE's stage-1 p_hat (acc, recall, precision, F1)",
+      params=_DETECT_PARAMS, defense="stage1")
 def kind_detect(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds, ratio=float(ctx.c.get("ratio", 1.0)))
@@ -292,7 +393,9 @@ def kind_detect(ctx: CellContext) -> dict[str, Any]:
             **detection_metrics(flags, truth)}
 
 
-@KINDS.register("partial", "Table 8: poison a fraction; detect, then purify only the flagged part (or all)")
+@kind("partial", "Table 8: poison a fraction; detect, then purify only the flagged part (or all)",
+      params={**_DETECT_PARAMS, "detect_first_for": (list, ["dvae"], "defenses that purify only flagged images")},
+      defense="purifier")
 def kind_partial(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds, ratio=float(ctx.c.get("ratio", 1.0)))
@@ -319,12 +422,17 @@ def kind_partial(ctx: CellContext) -> dict[str, Any]:
             out["defense_info"] = pur.info_
         out["n_purified"] = int(len(sel))
         out["psnr"] = psnr(x_p, x_train)
+    from ..disentangle import headline, purification_report
+
+    with ctx.timer("measure"):  # the whole set against the clean images: poison left, PSNR, poisoned part alone
+        rep = purification_report(ds.x_train, x_p, x_train, y=ds.y_train, subset=idx)
+    out.update({"disentangle": rep, **headline(rep)})
     res = ctx.train(ds.replace(x_train=x_train))
     out.update(final_acc=res.final_acc, best_acc=res.best_acc, per_class_acc=res.per_class_acc)
     return out
 
 
-@KINDS.register("amplify", "Sec. 5.2: D-VAE fit on a small poisoned part adds p_hat to the clean rest")
+@kind("amplify", "Sec. 5.2: D-VAE fit on a small poisoned part adds p_hat to the clean rest", defense="apply")
 def kind_amplify(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     ratio = float(ctx.c.get("ratio", 0.01))
@@ -333,20 +441,37 @@ def kind_amplify(ctx: CellContext) -> dict[str, Any]:
     _, info = None, {}
     p_rest, info = _p_hat(ctx, x_p[idx], ds.y_train[idx], x_apply=ds.x_train[rest], y_apply=ds.y_train[rest])
     x_new = x_p.copy()
-    x_new[rest] = _add(ds.x_train[rest], p_rest)
+    x_new[rest] = add_perturbation(ds.x_train[rest], p_rest)
     res = ctx.train(ds.replace(x_train=x_new), desc="train on amplified poison")
     base = ctx.train(ds.replace(x_train=x_p), desc="train on the small poison only")
     return {"attack_info": ainfo, "stage1_info": info, "final_acc": res.final_acc, "best_acc": res.best_acc,
             "acc_small_poison_only": base.final_acc, "n_poisoned": int(len(idx)), "psnr": psnr(ds.x_train, x_new)}
 
 
-@KINDS.register("theorem2", "Theorem 2: KLD of a normalised two-Gaussian mixture vs its bounds (numerical)")
+@kind("theorem2", "Theorem 2: KLD of a normalised two-Gaussian mixture vs its bounds (numerical)",
+      params={"r": (list, None, "ratios r = delta/sigma to integrate at (default: a log-spaced range)")},
+      defense="none")
 def kind_theorem2(ctx: CellContext) -> dict[str, Any]:
     from .theorem2 import check_theorem2
 
     p = ctx.c.get("params") or {}
     with ctx.timer("integrate"):
         return check_theorem2(p.get("r", None))
+
+
+@kind("train-diffusion", "a dependency: the DDPM that this dataset's AVATAR cells denoise with", defense="none")
+def kind_train_diffusion(ctx: CellContext) -> dict[str, Any]:
+    from ..defenses.avatar import save_checkpoint, train_diffusion
+
+    ds = ctx.data()
+    d = dict(ctx.c.get("diffusion") or {})
+    with ctx.timer("train"):
+        model, cfg, rec = train_diffusion(ds, d.get("preset", "auto"), d.get("epochs"), d.get("batch_size"),
+                                          d.get("lr"), ctx.seed, ctx.device, progress=ctx.progress,
+                                          flip=bool(d.get("flip", True)))
+    save_checkpoint(ctx.dir / DIFFUSION_FILE, cfg, model)
+    return {"diffusion_config": cfg, "final_loss": rec["history"][-1]["loss"], "parameters": rec["parameters"],
+            "n_train": rec["n_train"], "checkpoint": str(ctx.dir / DIFFUSION_FILE)}
 
 
 # --- the worker entry point --------------------------------------------------------------------------------
@@ -366,16 +491,16 @@ def run_cell(cell: Cell | dict[str, Any], outdir: str | Path, progress: bool = F
         import_plugins(cell.config.get("plugins") or [])
         ctx = CellContext(cell, outdir, progress)
         ctx.dir.mkdir(parents=True, exist_ok=True)
-        fn = KINDS.get(cell.config["kind"])
-        results = fn(ctx)
+        results = KINDS.get(cell.config["kind"]).fn(ctx)
         rec = {"status": "done", "results": results, "timings": ctx.timer.times, "error": None}
     except Exception as e:  # noqa: BLE001 - a failing cell is recorded, the grid goes on
         rec = {"status": "failed", "results": {}, "timings": ctx.timer.times if ctx else {},
                "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"}
     rec["timings"] = {**rec["timings"], "total": time.time() - t0}
+    rec["data_digest"] = ctx.digest if ctx and ctx.digest else cell.data
     rec["manifest"] = manifest("bench-cell", {"key": cell.key, **cell.config}, int(cell.config.get("seed", 0)),
                                rec["timings"], status=rec["status"], cell_id=cell.id, pid=os.getpid(),
-                               **({"cache": ctx.extra} if ctx else {}))
+                               data_digest=rec["data_digest"], **({"cache": ctx.extra} if ctx else {}))
     rec["manifest"].pop("argv", None)
     with contextlib.suppress(OSError):
         write_json(outdir / "cells" / cell.id / "manifest.json",

@@ -2,9 +2,11 @@
 
 It records the schema version, the grid's fingerprint and config, and one row per cell: key, config
 JSON, status (``pending`` / ``running`` / ``done`` / ``failed``), manifest JSON, accuracies, PSNR,
-timings and error text. Only the driver process writes (workers return their records), so SQLite's
-single-writer rule is never strained. Opening a store checks version and fingerprint *before*
-writing anything: a mismatch is a :class:`UserError` and the file is left as it was.
+timings, error text and the content digest of the data the cell ran on. A finished cell counts as
+finished only for that data: when the dataset behind a spec changes, its cells run again. Only the
+driver process writes (workers return their records), so SQLite's single-writer rule is never strained.
+Opening a store checks version and fingerprint *before* writing anything: a mismatch is a
+:class:`UserError` and the file is left as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..errors import UserError
 from ..utils import to_json
 from .grid import Cell
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "results.sqlite"
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -43,7 +45,8 @@ CREATE TABLE IF NOT EXISTS cells (
     timings TEXT,
     error TEXT,
     started REAL,
-    finished REAL
+    finished REAL,
+    data_digest TEXT
 );
 """
 
@@ -71,6 +74,11 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise UserError(f"not an unpoison results store ({e})", path) from None
         version = rows.get("schema_version")
+        if version == "1":  # v1 had no data digests: add the column; its finished cells count as stale
+            with conn:
+                conn.execute("ALTER TABLE cells ADD COLUMN data_digest TEXT")
+                conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            version = str(SCHEMA_VERSION)
         if version != str(SCHEMA_VERSION):
             conn.close()
             raise UserError(f"results store has schema version {version}, this unpoison writes version "
@@ -139,12 +147,24 @@ class Store:
         counts.update(dict(self.conn.execute("SELECT status, COUNT(*) FROM cells GROUP BY status").fetchall()))
         return counts
 
-    def todo(self, retry_failed: bool = True) -> list[Cell]:
-        """Cells to run: pending, running (a killed run's; they resume), and failed ones if asked."""
-        wanted = ("pending", "running", "failed") if retry_failed else ("pending", "running")
-        q = f"SELECT key, idx, config FROM cells WHERE status IN ({','.join('?' * len(wanted))}) ORDER BY idx"
-        return [Cell(key=r["key"], index=r["idx"], config=json.loads(r["config"]))
-                for r in self.conn.execute(q, wanted)]
+    def todo(self, cells: list[Cell], retry_failed: bool = True) -> tuple[list[Cell], list[Cell]]:
+        """``(to run, stale)``: cells pending, running (a killed run's; they resume), failed (if asked), and
+        finished ones whose data digest differs from the cell's current ``data`` (``stale``, also run)."""
+        wanted = {"pending", "running"} | ({"failed"} if retry_failed else set())
+        rows = {r["key"]: r for r in self.conn.execute("SELECT key, status, data_digest FROM cells")}
+        run, stale = [], []
+        for c in sorted(cells, key=lambda c: c.index):
+            r = rows[c.key]
+            if r["status"] in wanted:
+                run.append(c)
+            elif r["status"] == "done" and (r["data_digest"] or "") != c.data:
+                run.append(c)
+                stale.append(c)
+        return run, stale
+
+    def status_of(self, keys: list[str]) -> dict[str, str]:
+        q = f"SELECT key, status FROM cells WHERE key IN ({','.join('?' * len(keys))})"
+        return dict(self.conn.execute(q, keys).fetchall()) if keys else {}
 
     # --- writing -----------------------------------------------------------------------------
     @contextmanager
@@ -168,10 +188,10 @@ class Store:
         with self._tx():
             self.conn.execute(
                 "UPDATE cells SET status=?, final_acc=?, best_acc=?, psnr=?, results=?, manifest=?, timings=?, "
-                "error=?, finished=? WHERE key=?",
+                "error=?, finished=?, data_digest=? WHERE key=?",
                 (rec["status"], _num(res.get("final_acc")), _num(res.get("best_acc")), _num(res.get("psnr")),
                  to_json(res), to_json(rec.get("manifest") or {}), to_json(rec.get("timings") or {}),
-                 rec.get("error"), time.time(), key))
+                 rec.get("error"), time.time(), rec.get("data_digest"), key))
 
 
 def _num(v: Any) -> float | None:

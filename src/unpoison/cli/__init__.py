@@ -1,6 +1,7 @@
 """``unpoison`` command line: a thin layer over the Python API.
 
-Each sub-command lives in its own module exposing ``add_parser(subparsers)`` and ``run(args)``.
+Each sub-command lives in its own module exposing ``add_parser(subparsers, name, argv)`` and ``run(args)``;
+``argv`` lets a command show the flags of the method it was given (``purify --method jpeg --help``).
 A :class:`~unpoison.errors.UserError` anywhere ends the program with one line on stderr and exit
 code 2; anything else is a bug and keeps its traceback.
 """
@@ -31,15 +32,25 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (a :class:`UserError`), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments"):
+            message += (" (method parameters follow the method: 'unpoison purify --method NAME --help', "
+                        "'unpoison poison --attack NAME --help', 'unpoison evaluate --train-defense NAME --help')")
+        raise UserError(message)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    p = _Parser(
         prog="unpoison",
         description="Make availability-poisoned image datasets learnable again (D-VAE purification).",
     )
     p.add_argument("--version", action="version", version=f"unpoison {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, mod in COMMANDS.items():
-        import_module(f"{__name__}.{mod}").add_parser(sub, name)
+        import_module(f"{__name__}.{mod}").add_parser(sub, name, argv)
     return p
 
 
@@ -53,9 +64,9 @@ def check_args(args: argparse.Namespace) -> None:
         check_seed(args.seed)
 
 
-def _fail(command: str, message: str) -> int:
+def _fail(prefix: str, message: str) -> int:
     """The promised single line on stderr (escapes shown, never sent raw), exit code 2."""
-    print(f"unpoison {command}: error: {printable(message)}", file=sys.stderr)
+    print(f"{prefix}: error: {printable(message)}", file=sys.stderr)
     return 2
 
 
@@ -70,30 +81,32 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # a launcher (purify --nproc) reruns it per rank
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    prefix = f"unpoison {command}" if command else "unpoison"
     try:
+        args = build_parser(argv).parse_args(argv)
+        args.argv = list(argv)  # a launcher (purify --nproc) reruns it per rank
         check_args(args)
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: `unpoison info X | head` fails here, not at exit
         return rc
     except UserError as e:
-        return _fail(args.command, str(e))
+        return _fail(prefix, str(e))
     except BrokenPipeError:
         _silence_stdout()
-        return _fail(args.command, "output closed early (broken pipe)")
+        return _fail(prefix, "output closed early (broken pipe)")
     except KeyboardInterrupt:
-        print(f"unpoison {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        return _fail(args.command, "out of memory (a smaller --batch-size, subset or UNPOISON_MAX_MEMORY may help)")
+        return _fail(prefix, "out of memory (a smaller --batch-size, subset or UNPOISON_MAX_MEMORY may help)")
     except OSError as e:  # the environment (disk, permissions), not a bug: one line naming the file
         where = f"{e.filename}: " if e.filename else ""
-        return _fail(args.command, f"{where}{e.strerror or e}")
+        return _fail(prefix, f"{where}{e.strerror or e}")
     except RuntimeError as e:
         if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch
-            return _fail(args.command, f"out of device memory: {str(e).splitlines()[0]} (try a smaller --batch-size)")
+            return _fail(prefix, f"out of device memory: {str(e).splitlines()[0]} (try a smaller --batch-size)")
         raise
 
 

@@ -1,10 +1,19 @@
-"""Argument helpers shared by the sub-commands (so every command spells a flag the same way)."""
+"""Argument helpers shared by the sub-commands (so every command spells a flag the same way).
+
+Choices come from the registries (methods, presets, executors), never from lists written here. Method
+parameters become flags from the chosen method's ``PARAMS`` table: ``unpoison purify --method jpeg --help``
+shows JPEG's parameters with their real defaults (per preset where a preset sets them).
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from pathlib import Path
 from typing import Any
+
+from ..presets import PresetTable, choose, common_choices
 
 
 def add_device_seed(p: argparse.ArgumentParser) -> None:
@@ -32,35 +41,66 @@ def add_memory_budget(p: argparse.ArgumentParser) -> None:
                         "(default: half the free memory of the device)")
 
 
-def param_flags(registry: Any, skip: set[str]) -> dict[str, tuple[type, str]]:
-    """Union of the ``PARAMS`` tables of a registry's entries: name -> (type, help naming each user).
-
-    Attacks and purifiers declare their method parameters once (``PARAMS = {name: (type, default, help)}``);
-    the CLI turns them into flags, so a new method needs no CLI code.
-    """
-    flags: dict[str, tuple[type, list[str], str]] = {}
-    for name in registry:
-        for key, (typ, default, help_) in registry.get(name).PARAMS.items():
-            if key in skip:
-                continue
-            t, users, h = flags.get(key, (typ, [], help_))
-            users.append(f"{name}: {default:.4g}" if isinstance(default, float) else f"{name}: {default}")
-            flags[key] = (t, users, h)
-    # argparse %-formats help strings: escape literal percent signs
-    return {k: (t, f"{h} ({'; '.join(u)})".replace("%", "%%")) for k, (t, u, h) in flags.items()}
+# --- presets -------------------------------------------------------------------------------------------------
+def preset_help(tables: list[PresetTable]) -> str:
+    """``--preset`` help naming what it sizes (every family the command runs)."""
+    what = "; ".join(f"{t.family}: {t.help}" for t in tables if t.help)
+    return (f"auto (default): paper on CUDA, cpu on CPU. One preset sizes everything the command runs ({what})"
+            .replace("%", "%%"))
 
 
-def add_param_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:
-    """Add ``--key`` flags (dest ``param_key``, default None) for :func:`param_flags`' output."""
-    for key, (typ, help_) in sorted(flags.items()):
-        kw: dict[str, Any] = {"default": None, "help": help_}
+def add_preset(p: argparse.ArgumentParser, tables: list[PresetTable], default: str = "auto") -> None:
+    """``--preset`` with the choices every one of ``tables`` accepts (read from the preset registry)."""
+    p.add_argument("--preset", default=default, choices=common_choices(tables), help=preset_help(tables))
+
+
+def announce_preset(args: argparse.Namespace, tables: list[PresetTable]) -> str:
+    """Resolve ``--preset auto`` once (by ``--device``) and say what was chosen on one line (stdout, so that
+    stderr keeps the promise of one line per error)."""
+    name, line = choose(args.preset, getattr(args, "device", "auto"))
+    for t in tables:
+        t.resolve(name)  # an alias every family must understand; an error here is a bug in the choices
+    if line:
+        print(f"unpoison {args.command}: {line}", flush=True)
+    return name
+
+
+# --- method parameters as flags ------------------------------------------------------------------------------
+def peek(argv: list[str] | None, flag: str) -> str | None:
+    """The value given to ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), before argparse runs."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def add_method_flags(p: argparse.ArgumentParser, params: dict[str, tuple[type, Any, str]],
+                     defaults: dict[str, str], skip: set[str], title: str) -> None:
+    """One ``--key`` flag (dest ``param_key``, default None = the method's own) per entry of ``params``,
+    its help ending with the real default from ``defaults``."""
+    g = p.add_argument_group(title)
+    for key, (typ, _, help_) in sorted(params.items()):
+        if key in skip:
+            continue
+        text = re.sub(r"\s*\(default[^)]*\)\s*$", "", help_)
+        text = f"{text} (default: {defaults.get(key, 'None')})".replace("%", "%%")
+        kw: dict[str, Any] = {"default": None, "help": text}
         if typ is bool:
-            kw["type"] = lambda s: s.lower() in ("1", "true", "yes", "on")
-            kw["metavar"] = "BOOL"
+            kw.update(type=_bool, metavar="BOOL")
         else:
-            kw["type"] = typ
-            kw["metavar"] = key.upper()
-        p.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
+            kw.update(type=typ if typ in (int, float, str) else str, metavar=key.upper())
+        g.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
 
 
 def given_params(args: argparse.Namespace) -> dict[str, Any]:

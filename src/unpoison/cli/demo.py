@@ -20,10 +20,20 @@ from ..errors import UserError
 from ..outputs import atomic_path, check_output, policy_for, write_marker
 from ..utils import Timer, manifest, psnr, to_json
 from ..viz import residual_image, save_image_grid
-from ._common import add_device_seed, add_overwrite, add_quiet
+from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+def _tables() -> list:
+    from ..defenses.dvae import DVAE_PRESETS
+    from ..train import SCORING_PRESETS
+
+    return [DVAE_PRESETS, SCORING_PRESETS]
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
+    from ..attacks import ATTACKS
+    from ..train import SCORING_PRESETS
+
     p = sub.add_parser(name, help="poison Fashion-MNIST with LSP, purify with D-VAE, score all three",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
@@ -31,12 +41,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--n-train", type=int, default=10000, help="training images (stratified subset; default 10000)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default: the full test split)")
     p.add_argument("--data", default="fmnist", help="dataset spec (default fmnist)")
-    p.add_argument("--attack", default="lsp", help="poison (default lsp)")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper", "imagenet"],
-                   help="D-VAE preset (default cpu)")
+    p.add_argument("--attack", default="lsp", choices=ATTACKS.names(), help="poison (default lsp)")
+    add_preset(p, _tables(), default="cpu")
     p.add_argument("--dvae-epochs", type=int, default=None, help="D-VAE epochs per stage (default: the preset's)")
-    p.add_argument("--score-preset", default="cpu", choices=["cpu", "paper", "smoke"],
-                   help="scoring protocol preset (default cpu: smallcnn)")
+    p.add_argument("--score-preset", default=None, choices=SCORING_PRESETS.choices(),
+                   help="scoring protocol preset (default: --preset's)")
     p.add_argument("--score-epochs", type=int, default=None, help="classifier epochs (default: the preset's)")
     add_device_seed(p)
     add_quiet(p)
@@ -44,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..attacks import make_attack
+    from ..attacks import ATTACKS, make_attack
     from ..defenses import make_purifier
     from ..evaluate import evaluate
     from ..train import TrainConfig
@@ -53,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n-train must be >= 20, got {args.n_train}")
     if args.n_test is not None and args.n_test < 1:
         raise UserError(f"--n-test must be >= 1, got {args.n_test}")
+    preset = announce_preset(args, _tables())
     check_output(args.out, inputs=[spec_path(args.data)], overwrite=args.overwrite, is_dir=True)
     progress = not args.quiet
     timer = Timer()
@@ -65,15 +75,16 @@ def run(args: argparse.Namespace) -> int:
     say(f"[1/4] {ds.source}: {len(ds.x_train)} training / {len(ds.x_test)} test images "
         f"{'x'.join(map(str, ds.image_shape))}; poisoning with {args.attack}")
     with timer("poison"):
-        atk = make_attack(args.attack, seed=args.seed, device=args.device, progress=progress)
+        atk = make_attack(args.attack, seed=args.seed, device=args.device, progress=progress,
+                          preset=ATTACKS.get(args.attack).presets().resolve(preset))
         res = atk.poison(ds.x_train, ds.y_train)
     x_clean, x_pois = ds.x_train, res.x
-    say(f"[2/4] purifying with D-VAE ({args.preset} preset)")
-    purifier = make_purifier("dvae", preset=args.preset, epochs=args.dvae_epochs, seed=args.seed,
+    say(f"[2/4] purifying with D-VAE ({preset} preset)")
+    purifier = make_purifier("dvae", preset=preset, epochs=args.dvae_epochs, seed=args.seed,
                              device=args.device, progress=progress)
     with timer("purify"):
         x_pur = purifier.fit_purify(x_pois, ds.y_train)
-    cfg = TrainConfig.preset(args.score_preset, epochs=args.score_epochs)
+    cfg = TrainConfig.preset(args.score_preset or preset, epochs=args.score_epochs)
     cfg.eval_every = 5  # last-epoch accuracy is the score; testing 10k images every epoch costs ~45 s in all
     rows: dict[str, dict[str, Any]] = {}
     for i, (name, x) in enumerate((("clean", x_clean), ("poisoned", x_pois), ("purified", x_pur))):
@@ -96,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"poison drop: {verdict['poison_drop_points']:.1f} points; purified gap to clean: "
           f"{verdict['purified_gap_points']:.1f} points")
     config = {"data": args.data, "n_train": len(x_clean), "n_test": len(ds.x_test), "attack": args.attack,
-              "attack_info": res.info, "dvae_preset": args.preset, "dvae_config": purifier.info_.get("config"),
+              "attack_info": res.info, "dvae_preset": preset, "dvae_config": purifier.info_.get("config"),
               "score_config": vars(cfg)}
     results = {"rows": rows, "verdict": verdict, "dvae_info": purifier.info_, "timings_s": timer.times}
     _write(Path(args.out), table, verdict, config, results, args, timer, x_clean, x_pois, x_pur, purifier.stages_)
@@ -122,7 +133,8 @@ def _write(out: Path, table: str, verdict: dict[str, Any], config: dict[str, Any
         write_marker(tmp, "demo")
         grid_rows = {"clean": x_clean, "poisoned": x_pois, **stages, "purified": x_pur,
                      "residual (poisoned - purified, amplified)": residual_image(x_pois, x_pur)}
-        save_image_grid(grid_rows, tmp / "grid.png", title="LSP-poisoned Fashion-MNIST purified by D-VAE")
+        save_image_grid(grid_rows, tmp / "grid.png",
+                        title=f"{config['attack'].upper()}-poisoned {config['data']} purified by D-VAE")
         md = [f"# unpoison demo: {config['attack']} on {config['data']} ({config['n_train']} training images)",
               "", table, "",
               f"Poison drop: {verdict['poison_drop_points']:.1f} points (target >= 30); purified gap to clean: "

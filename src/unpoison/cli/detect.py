@@ -3,7 +3,8 @@
 Fits the D-VAE's first stage on DATA's training split, trains a classifier on x0 + p_hat0 and flags
 the images that classifier fits (predicts their label on the original x0). OUT.csv has
 ``index,label,score,flag`` (score: probability of the true label; flag 1 = poisoned), written
-atomically; OUT.csv.json is the run's manifest.
+atomically; OUT.csv.json is the run's manifest. ``--preset`` (default auto: paper on CUDA, cpu on CPU)
+sizes both the stage-1 D-VAE and the classifier.
 """
 
 from __future__ import annotations
@@ -13,20 +14,30 @@ from pathlib import Path
 
 import yaml
 
-from ._common import add_device_seed, add_overwrite, add_quiet
+from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+def _tables() -> list:
+    from ..defenses.dvae import DVAE_PRESETS
+    from ..train import SCORING_PRESETS
+
+    return [SCORING_PRESETS, DVAE_PRESETS]
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
+    from ..defenses import DEFENSES
+    from ..models import list_models
+
     p = sub.add_parser(name, help="flag poisoned training images (stage-1 p_hat rule)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="dataset spec (its training split is scored)")
     p.add_argument("output", help="CSV to write")
-    p.add_argument("--detector", default="dvae", help="purifier whose stage-1 p_hat is used (default dvae)")
+    p.add_argument("--detector", default="dvae",
+                   help=f"purifier whose stage-1 p_hat is used (default dvae; any of {', '.join(DEFENSES.names())})")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="detector parameter (repeatable), e.g. --param epochs=20")
-    p.add_argument("--preset", default="paper", choices=["paper", "cpu", "smoke"],
-                   help="classifier protocol preset (paper: ResNet-18 60 epochs; cpu: smallcnn 15)")
-    p.add_argument("--model", default=None)
+    add_preset(p, _tables())
+    p.add_argument("--model", default=None, choices=list_models(), help="classifier (overrides the preset)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip augmentation")
     add_overwrite(p)
@@ -64,15 +75,16 @@ def run(args: argparse.Namespace) -> int:
         ds = load_dataset(args.data)
     check_output(args.output, inputs=[spec_path(args.data), ds.source], overwrite=args.overwrite, is_dir=False,
                  dataset=False)
-    cfg = TrainConfig.preset(args.preset, model=args.model, epochs=args.epochs)
+    preset = announce_preset(args, _tables())
+    cfg = TrainConfig.preset(preset, model=args.model, epochs=args.epochs)
     if args.no_flip:
         cfg.flip = False
     with timer("detect"):
         res = detect_poison(ds.x_train, ds.y_train, purifier=args.detector, params=params, train_config=cfg,
-                            seed=args.seed, device=args.device, progress=not args.quiet)
+                            seed=args.seed, device=args.device, progress=not args.quiet, preset=preset)
     write_scores_csv(args.output, res, ds.y_train, policy_for(args.overwrite, dataset=False))
     conf = {"data": args.data, "output": args.output, "detector": args.detector, "params": params,
-            "train": vars(cfg)}
+            "preset": preset, "train": vars(cfg)}
     write_json(Path(args.output + ".json"), manifest("detect", conf, args.seed, timer.times, result=res.info))
     print(f"flagged {int(res.flags.sum())} of {len(res.flags)} training images as poisoned; wrote {args.output}")
     return 0

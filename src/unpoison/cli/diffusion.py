@@ -3,7 +3,8 @@
 DATA must be *clean* data of the domain to purify (same image size and channels). OUT.pt is written
 atomically (a state_dict plus its JSON config; loaded with ``torch.load(weights_only=True)``) and
 ``OUT.pt.manifest.json`` records config, seed, timings and the loss per epoch. Presets: ``toy``
-(tests, seconds on CPU), ``cpu`` (small Fashion-MNIST runs), ``paper`` (DDPM's CIFAR UNet, GPU).
+(tests, seconds on CPU), ``cpu`` (small Fashion-MNIST runs), ``paper`` (DDPM's CIFAR UNet, GPU);
+``auto`` (the default) is paper on CUDA, cpu on CPU.
 Then: ``unpoison purify POISONED OUT --method avatar --checkpoint OUT.pt --t-star 100``.
 """
 
@@ -15,16 +16,17 @@ from pathlib import Path
 from ..data import load_dataset, spec_path
 from ..outputs import check_output
 from ..utils import Timer, manifest, write_json
-from ._common import add_device_seed, add_overwrite, add_quiet
+from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
+    from ..defenses.avatar import DIFFUSION_PRESETS
+
     p = sub.add_parser(name, help="train the diffusion model used by the avatar purifier", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="clean training data of the target domain (dataset spec)")
     p.add_argument("output", help="checkpoint to write (.pt)")
-    p.add_argument("--preset", default="cpu", choices=["toy", "cpu", "paper"],
-                   help="UNet size and training settings (default cpu; paper needs a GPU)")
+    add_preset(p, [DIFFUSION_PRESETS])
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
@@ -36,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..defenses.avatar import save_checkpoint, train_diffusion
+    from ..defenses.avatar import DIFFUSION_PRESETS, save_checkpoint, train_diffusion
 
+    preset = announce_preset(args, [DIFFUSION_PRESETS])
     timer = Timer()
     check_output(args.output, inputs=[spec_path(args.data)], overwrite=args.overwrite, is_dir=False, dataset=False)
     with timer("load"):
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, inputs=[spec_path(args.data), ds.source], overwrite=args.overwrite, is_dir=False,
                  dataset=False)
     with timer("train"):
-        model, cfg, rec = train_diffusion(ds, args.preset, args.epochs, args.batch_size, args.lr, args.seed,
+        model, cfg, rec = train_diffusion(ds, preset, args.epochs, args.batch_size, args.lr, args.seed,
                                           args.device, progress=not args.quiet, flip=not args.no_flip)
     out = Path(args.output)
     with timer("write"):

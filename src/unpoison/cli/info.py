@@ -9,7 +9,7 @@ from ..data import load_dataset
 from ..errors import printable
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
     p = sub.add_parser(name, help="describe a dataset", description=__doc__)
     p.add_argument("data", help="dataset spec: a path, FORMAT:PATH, or a name such as fmnist")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -1,4 +1,4 @@
-"""``unpoison list``: the registries (datasets, formats, models, attacks, defenses) in one place."""
+"""``unpoison list``: the registries (datasets, formats, models, attacks, defenses, presets) in one place."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from importlib import import_module
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
     p = sub.add_parser(name, help="list datasets, formats, models, attacks and defenses", description=__doc__)
     p.set_defaults(func=run)
 
@@ -30,4 +30,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{fam}:")
         for n in reg.names():  # type: ignore[attr-defined]
             print(f"  {n:16} {reg.help(n)}")  # type: ignore[attr-defined]
+    for mod in ("unpoison.train", "unpoison.bench.grid", "unpoison.defenses.avatar"):  # register their presets
+        import_module(mod)
+    from ..presets import PRESET_TABLES
+
+    print("presets (auto: paper on CUDA, cpu on CPU):")
+    for fam in PRESET_TABLES.names():
+        t = PRESET_TABLES.get(fam)
+        alias = "".join(f", {a}->{b}" for a, b in t.aliases.items())
+        print(f"  {fam:16} {', '.join(t.names())}{alias}")
     return 0

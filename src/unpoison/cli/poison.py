@@ -10,6 +10,10 @@ Bounds: ``--eps`` in [0, 1] pixel units (``8/255``) for linf, per-image l2 quote
 (scaled by sqrt(d/3072) unless ``--no-scale-eps``), whole pixels for l0. Every bound is checked on
 the stored uint8 images; a run that breaks it writes nothing.
 
+Method parameters are flags generated from the chosen attack's ``PARAMS``: ``unpoison poison --attack
+NAME --help`` lists them with their defaults per preset. ``--preset`` (default auto: paper on CUDA, cpu
+on CPU) sizes the attack (surrogate, rounds, steps).
+
 ``--from-perturbation FILE`` adds a released perturbation instead of crafting one: ``.npy``
 (loaded with allow_pickle=False) or ``.pt`` (a tensor, torch.load(weights_only=True)); shape
 N x H x W x C or N x C x H x W (or one pattern for all); float values are in [-1, 1] pixel units,
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..attacks import ATTACKS, PoisonResult, apply_perturbation, make_attack
-from ..attacks.base import check_eps
+from ..attacks.base import NORMS, check_eps, scaled_eps
 from ..data import load_dataset, save_dataset
 from ..data._limits import check_alloc, check_compressed, check_npy_file
 from ..errors import UserError
@@ -38,34 +42,35 @@ from ..viz import residual_image, save_image_grid
 from ._common import (
     add_device_seed,
     add_format,
+    add_method_flags,
     add_overwrite,
-    add_param_flags,
+    add_preset,
     add_quiet,
+    announce_preset,
     check_dataset_output,
     given_params,
-    param_flags,
+    peek,
     report_dir,
 )
 
-#: handled by dedicated flags, never generated from PARAMS
-_COMMON = {"surrogate"}
 #: default bound per norm when no attack names one
 _DEFAULT_EPS = {"linf": 8 / 255, "l2": 1.0, "l0": 1.0}
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
+    attack = peek(argv, "--attack")
     p = sub.add_parser(name, help="poison a training set with an availability attack", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="clean dataset spec")
     p.add_argument("output", help="where to write the poisoned dataset")
-    p.add_argument("--attack", default=None, help=f"attack: {', '.join(ATTACKS.names())}")
+    p.add_argument("--attack", default=None,
+                   help="; ".join(f"{n}: {ATTACKS.help(n)}" for n in ATTACKS.names()).replace("%", "%%"))
     p.add_argument("--eps", default=None, help="bound (default: the paper's for the attack): 8/255, 1.0, 1")
-    p.add_argument("--norm", default=None, choices=["linf", "l2", "l0"], help="norm (default: the attack's)")
+    p.add_argument("--norm", default=None, choices=NORMS, help="norm (default: the attack's)")
     p.add_argument("--no-scale-eps", action="store_true", help="take an l2 bound literally (no sqrt(d/3072))")
     p.add_argument("--ratio", default="1.0", help="fraction of the training split to poison, in (0, 1]")
-    p.add_argument("--surrogate", default=None, help="surrogate model for EM/REM/TAP/SEP (default per preset)")
-    p.add_argument("--preset", default="paper", choices=["paper", "cpu"],
-                   help="paper: the original works' settings; cpu: small surrogate, few rounds")
+    tables = [ATTACKS.get(attack).presets()] if attack in ATTACKS else [ATTACKS.get(n).presets() for n in ATTACKS]
+    add_preset(p, tables)
     p.add_argument("--resume", action="store_true", help="continue a killed run from OUT.report/checkpoints")
     p.add_argument("--from-perturbation", default=None, metavar="FILE",
                    help="add this released perturbation (.npy/.pt) instead of crafting one")
@@ -73,7 +78,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     add_overwrite(p)
     add_device_seed(p)
     add_quiet(p)
-    add_param_flags(p, param_flags(ATTACKS, _COMMON))
+    if attack in ATTACKS:
+        cls = ATTACKS.get(attack)
+        add_method_flags(p, cls.PARAMS, cls.param_defaults(), set(), f"parameters of --attack {attack}")
     p.set_defaults(func=run)
 
 
@@ -145,8 +152,6 @@ def run(args: argparse.Namespace) -> int:
         unused = sorted(set(given) - set(cls.PARAMS))
         if unused:
             raise UserError(f"--attack {args.attack} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
-        if args.surrogate is not None and "surrogate" not in cls.PARAMS:
-            raise UserError(f"--attack {args.attack} uses no surrogate")
     norm = args.norm or (cls.norm if cls else "linf")
     eps_nominal = parse_fraction(args.eps, "--eps") if args.eps is not None else None
     check_dataset_output(args.output, args.input, args.overwrite)
@@ -159,13 +164,13 @@ def run(args: argparse.Namespace) -> int:
     rdir = report_dir(args.output)
 
     if args.from_perturbation is not None:
-        if given or args.surrogate or args.resume:
-            raise UserError("--from-perturbation takes no attack parameters, --surrogate or --resume")
+        if given or args.resume:
+            raise UserError("--from-perturbation takes no attack parameters or --resume")
         nominal = eps_nominal if eps_nominal is not None else (
             cls.default_eps.get(norm) if cls and norm in cls.default_eps else _DEFAULT_EPS[norm])
         if not math.isfinite(nominal) or nominal <= 0:
             raise UserError(f"bound must be > 0, got {nominal}")
-        eps = nominal * math.sqrt(h * w * c / 3072) if norm == "l2" and not args.no_scale_eps else nominal
+        eps = scaled_eps(norm, nominal, (h, w, c), not args.no_scale_eps)
         check_eps(norm, eps, h * w * c, h * w)
         pert = load_perturbation(args.from_perturbation)
         with timer("poison"):
@@ -175,15 +180,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         assert cls is not None
         params: dict[str, Any] = dict(given)
-        if args.surrogate is not None:
-            params["surrogate"] = args.surrogate
         if cls.supports_checkpoint:
             params["checkpoint_dir"] = str(rdir / "checkpoints")
             params["resume"] = args.resume
         elif args.resume:
             raise UserError(f"--attack {args.attack} has nothing to resume (it does not checkpoint)")
         attack = make_attack(args.attack, eps=eps_nominal, seed=args.seed, device=args.device,
-                             progress=not args.quiet, norm=args.norm, preset=args.preset,
+                             progress=not args.quiet, norm=args.norm, preset=announce_preset(args, [cls.presets()]),
                              scale_eps=not args.no_scale_eps, **params)
         with timer("poison"):
             try:
@@ -217,7 +220,8 @@ def write_outputs(args: argparse.Namespace, ds: Any, res: PoisonResult, rdir: Pa
                     rdir / "grid.png", title=f"{name}: {res.info.get('norm')} {res.info.get('eps', 0):.4g}, "
                                              f"PSNR {p:.2f} dB")
     cfg = {"attack": name, "input": args.input, "output": args.output, "format": args.format or ds.format,
-           "ratio": res.info.get("ratio"), "preset": args.preset, "from_perturbation": args.from_perturbation}
+           "ratio": res.info.get("ratio"), "preset": res.info.get("params", {}).get("preset"),
+           "from_perturbation": args.from_perturbation}
     info = dict(res.info)
     write_json(rdir / "manifest.json", manifest(
         "poison", cfg, args.seed, {**timer.times, **{f"attack_{k}": v for k, v in info.pop("timings_s", {}).items()}},

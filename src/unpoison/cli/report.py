@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
     p = sub.add_parser(name, help="tables and figures from a benchmark's results", description=__doc__)
     p.add_argument("outdir", help="a folder written by 'unpoison bench'")
     p.set_defaults(func=run)

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from ..accel import Accel
 from ..data import ImageDataset
 from ..errors import UserError
-from ..utils import atomic_path, pick_device, seed_everything
+from ..presets import PresetTable, register_presets
+from ..tensors import pick_device, rng_scope
+from ..utils import atomic_path
 from .base import DEFENSES, Purifier
 
 FORMAT = "unpoison-diffusion"
@@ -48,6 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
               "batch_size": 128, "lr": 2e-4, "ema_decay": 0.9999},
 }
 NUM_TRAIN_TIMESTEPS = 1000
+DIFFUSION_PRESETS = register_presets(PresetTable(
+    "diffusion", PRESETS, keys=frozenset(PRESETS["paper"]), aliases={"smoke": "toy"},
+    help="the DDPM that AVATAR denoises with"))
 
 
 def _require_diffusers() -> Any:
@@ -60,10 +65,8 @@ def _require_diffusers() -> Any:
 
 def make_config(preset: str, channels: int, height: int, width: int, **overrides: Any) -> dict[str, Any]:
     """The JSON config stored in a checkpoint: UNet shape, data shape, schedule, training settings."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown diffusion preset {preset!r}; known: {', '.join(PRESETS)}")
-    cfg = {"preset": preset, **json.loads(json.dumps(PRESETS[preset]))}
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    preset = DIFFUSION_PRESETS.resolve(preset)
+    cfg = {"preset": preset, **json.loads(json.dumps(DIFFUSION_PRESETS.values(preset, overrides)))}
     factor = 2 ** (len(cfg["block_out_channels"]) - 1)
     cfg.update({"channels": int(channels), "height": int(height), "width": int(width),
                 "padded_height": int(math.ceil(height / factor) * factor),
@@ -152,11 +155,11 @@ def train_diffusion(ds: ImageDataset, preset: str = "toy", epochs: int | None = 
     if cfg["epochs"] < 1 or cfg["batch_size"] < 1 or not cfg["lr"] > 0:
         raise UserError("epochs, batch size and learning rate must be positive")
     dev = pick_device(device)
-    seed_everything(seed)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     accel = accel or Accel.auto(dev, "diffusion")
-    model = build_unet(cfg).to(dev, memory_format=accel.memory_format)
+    with rng_scope(seed, dev):  # weight init; every training draw uses ``gen``
+        model = build_unet(cfg).to(dev, memory_format=accel.memory_format)
     sched = build_scheduler(cfg)
     x_all = _to_model_space(ds.x_train, cfg, dev)
     n = len(x_all)
@@ -226,8 +229,9 @@ class AvatarPurifier(Purifier):
         self.checkpoint, self.t_star, self.batch_size = str(checkpoint), int(t_star), int(batch_size)
         self.device, self.seed, self.progress = device, seed, progress
         self.accel = accel  # None: Accel.auto(device, "diffusion") once the device is known
-        if not Path(self.checkpoint).is_file():
-            raise UserError("diffusion checkpoint not found", self.checkpoint)
+
+    def required_files(self) -> list[str]:
+        return [self.checkpoint]
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         dev = pick_device(self.device)

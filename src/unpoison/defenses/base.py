@@ -19,7 +19,7 @@ import torch
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc  # noqa: F401  (re-exported)
 from ..errors import UserError
-from ..train import TrainDefense
+from ..tensors import TrainDefense
 
 
 class Purifier:
@@ -35,7 +35,7 @@ class Purifier:
     name: str = ""
     #: method parameters exposed as CLI flags: name -> (type, default, help)
     PARAMS: dict[str, tuple[type, Any, str]] = {}
-    #: which of the CLI's common settings (device, seed, progress) ``__init__`` accepts
+    #: which common settings (device, seed, progress, preset) ``__init__`` accepts; :func:`make_purifier` passes them
     COMMON: frozenset[str] = frozenset()
     needs_labels: bool = False
     learns: bool = False
@@ -51,6 +51,18 @@ class Purifier:
 
     def get_params(self) -> dict[str, Any]:
         return dict(self.params)
+
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        """Raise :class:`UserError` if images of ``image_shape`` (H, W, C) cannot be purified (no data needed)."""
+
+    def required_files(self) -> list[str]:
+        """Files :meth:`fit`/:meth:`transform` will read (checked before a benchmark grid starts)."""
+        return []
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, str]:
+        """Each parameter's default as ``--help`` shows it (subclasses with presets show them per preset)."""
+        return {k: _show(v[1]) for k, v in cls.PARAMS.items()}
 
     def fit(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> Purifier:
         xx = as_uint8_nhwc(x)
@@ -90,17 +102,54 @@ DEFENSES: Registry[type[Purifier]] = Registry("defense")
 TRAIN_DEFENSES: Registry[Callable[..., TrainDefense]] = Registry("training-time defense")
 
 
-def make_purifier(name: str, **params: Any) -> Purifier:
+def _show(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _check_known(family: str, name: str, params: dict[str, Any], known: dict[str, Any]) -> None:
+    bad = sorted(set(params) - set(known))
+    if bad:
+        raise UserError(f"{family} {name!r} has no parameter(s) {', '.join(bad)}; "
+                        f"known: {', '.join(sorted(known)) or 'none'}")
+
+
+def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int = 0, progress: bool = True,
+                  preset: str | None = None, checkpoint_dir: str | None = None, resume: bool = False,
+                  memory_budget: str | int | None = None, dist: Any = None, **params: Any) -> Purifier:
+    """The one way to build a purifier: method ``params`` (checked against its ``PARAMS``) plus the common
+    settings it takes (its ``COMMON``: device, seed, progress, preset) and, when it checkpoints, a checkpoint
+    folder. ``resume`` for a purifier that does not checkpoint is a :class:`UserError`; so are a
+    ``memory_budget`` and a several-process ``dist`` (:mod:`unpoison.distributed`) for one that does not stream."""
     cls = DEFENSES.get(name)
+    preset = params.pop("preset", None) or preset
+    _check_known("defense", name, params, cls.PARAMS)
+    common = {"device": device, "seed": seed, "progress": progress, "preset": preset}
+    kw = dict(params)
+    kw.update({k: v for k, v in common.items() if k in cls.COMMON and v is not None})
+    if preset is not None and "preset" not in cls.COMMON:
+        raise UserError(f"defense {name!r} has no presets")
+    if cls.supports_checkpoint and checkpoint_dir is not None:
+        kw.update(checkpoint_dir=str(checkpoint_dir), resume=bool(resume))
+    elif resume:
+        raise UserError(f"defense {name!r} has nothing to resume (it does not checkpoint)")
+    if cls.supports_streaming:
+        kw.update(memory_budget=memory_budget, **({"dist": dist} if dist is not None else {}))
+    elif memory_budget is not None:
+        can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).supports_streaming)
+        raise UserError(f"defense {name!r} holds the split in memory; a memory budget applies to {can}")
+    elif dist is not None and getattr(dist, "active", False):
+        raise UserError(f"defense {name!r} runs in one process; drop --nproc (or torchrun)")
     try:
-        return cls(**params)
+        return cls(**kw)
     except TypeError as e:
         raise UserError(f"bad parameters for defense {name!r}: {e}") from None
 
 
 def make_train_defense(name: str, **params: Any) -> TrainDefense:
-    fn = TRAIN_DEFENSES.get(name)
+    """Build a training-time defense from its ``PARAMS`` (unknown names are a :class:`UserError`)."""
+    cls = TRAIN_DEFENSES.get(name)
+    _check_known("training-time defense", name, params, getattr(cls, "PARAMS", {}))
     try:
-        return fn(**params)
+        return cls(**params)
     except TypeError as e:
         raise UserError(f"bad parameters for training-time defense {name!r}: {e}") from None

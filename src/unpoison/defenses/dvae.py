@@ -26,6 +26,7 @@ inference deals whole batches to ranks, which write disjoint rows of the same fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,12 @@ from ..accel import Accel, dvae_channels_last
 from ..data.fingerprint import content_fingerprint
 from ..data.rows import NpyWriter
 from ..distributed import SINGLE, DistContext
-from ..errors import NonFiniteError, UserError
+from ..errors import NonFiniteError, UserError, check_finite_loss
 from ..models.dvae import (
     DVAE,
+    EMBEDDINGS,
+    LOSS_FORMS,
+    P_INPUTS,
     BottleneckAE,
     RateConstrainedVAE,
     ae_loss,
@@ -57,6 +61,7 @@ from ..models.dvae import (
     dvae_loss,
     vae_loss,
 )
+from ..presets import PresetTable, register_presets
 from ..stream import (
     BatchSource,
     NpySink,
@@ -70,13 +75,26 @@ from ..stream import (
     shard_batches,
     shard_ranges,
 )
-from ..train import check_finite_loss, to_device_images
-from ..utils import atomic_path, pick_device, seed_everything, write_json
-from .base import DEFENSES, Purifier
+from ..tensors import pick_device, rng_scope, to_device_images
+from ..utils import atomic_path, write_json
+from .base import DEFENSES, Purifier, _show
 
 EpochCallback = Callable[[dict[str, Any]], None]
 #: images of each intermediate stage kept in ``stages_`` when streaming (the report's grid shows 8)
 GRID_ROWS = 8
+
+
+def _coerce(v: Any, typ: type, name: str) -> Any:
+    """``v`` as ``typ``; strings such as ``"false"`` / ``"0"`` are read as booleans, not as truthy text."""
+    if typ is bool and isinstance(v, str):
+        low = v.strip().lower()
+        if low not in ("1", "0", "true", "false", "yes", "no"):
+            raise UserError(f"D-VAE {name} must be true or false, got {v!r}")
+        return low in ("1", "true", "yes")
+    try:
+        return typ(v)
+    except (TypeError, ValueError):
+        raise UserError(f"D-VAE {name} must be a {typ.__name__}, got {v!r}") from None
 
 
 @dataclass
@@ -84,16 +102,27 @@ class DVAEConfig:
     """All purification hyperparameters (paper B.2 + release); presets in :data:`PRESETS`."""
 
     width: int = 64  # encoder width w (features 2w at the latent resolution)
+    width1: int = 0  # stage-1 width (0: ``width``); stage 1's p_hat is as clean as its image branch is good
     latent: int = 256  # latent channels of mu / logvar
     epochs: int = 60  # per stage
+    steps: int = 0  # > 0: size each stage by optimizer steps instead (epochs = ceil(steps / batches per epoch))
     batch_size: int = 128
     lr: float = 5e-3  # Adam, cosine to 0 over all steps of a stage
     grad_clip: float = 5.0
     kld_weight: float = 0.01  # lambda of Eq. 14
+    kld_weight1: float = 0.0  # stage-1 lambda (0: kld_weight); max(KLD, limit) is a floor, so a limit below
+    # the rate lambda settles at does nothing: the release raises lambda to 0.5 for limits below 0.99
     kld_limit1: float = 1.0  # stage 1
     kld_limit2: float = 3.0  # stage 2
     downsample1: int = 2  # stage-1 latent resolution is H/downsample1
     downsample2: int = 2
+    p_input: str = "class"  # what D_p sees besides u_y: class (u_y only), z (paper text), features (release)
+    embedding: str = "spatial"  # u_y: spatial (2w x H/d x W/d per class) or vector (2w, broadcast; release)
+    embed_std: float = 0.0  # initial N(0, std) of u_y; 0 = zeros (the release's nn.Embedding: 1)
+    loss_form: str = "paper"  # Eq. 14's second term: paper (x - x_hat vs p_hat) or release (clamped sum)
+    rec_weight: float = 1.0  # weight of ||x - x_hat||^2 in Eq. 14 (paper: 1)
+    detach_residual: bool = True  # no gradient from Eq. 14's second term into x_hat
+    p_cap: float = 0.0  # > 0: add max(mean(p_hat^2), p_cap) (the release: 0.002); 0 = off
     skip_stage1: bool = False  # ablation (Table 6): purify with stage 2 only
     stage2_subtract: bool = True  # ablation (Table 6): False -> x3 = x_hat(x1)
     kld_limit: float = 1.0  # the plain rate-constrained VAE (``vae``)
@@ -104,52 +133,74 @@ class DVAEConfig:
 
     @classmethod
     def preset(cls, name: str = "paper", **overrides: Any) -> DVAEConfig:
-        if name not in PRESETS:
-            raise UserError(f"unknown D-VAE preset {name!r}; known: {', '.join(PRESETS)}")
-        cfg = cls(**PRESETS[name])
-        known = {f.name for f in fields(cls)}
-        for k, v in overrides.items():
-            if k not in known:
-                raise UserError(f"unknown D-VAE parameter {k!r}")
-            if v is not None:
-                setattr(cfg, k, type(getattr(cfg, k))(v))
+        """The named preset (or ``auto``) with ``overrides`` (None = keep the preset's; unknown = error)."""
+        table = DVAE_PRESETS.values(name, overrides)
+        if overrides and overrides.get("epochs") is not None and overrides.get("steps") is None:
+            table["steps"] = 0  # an explicit epoch count wins over a preset's step count
+        cfg = cls()
+        for k, v in table.items():
+            setattr(cfg, k, _coerce(v, type(getattr(cfg, k)), k))
         cfg.check()
         return cfg
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs per stage for ``n`` training images: ``epochs``, or enough to reach ``steps`` when set."""
+        if self.steps <= 0:
+            return self.epochs
+        return max(1, math.ceil(self.steps / max(1, math.ceil(n / self.batch_size))))
 
     def check(self) -> None:
         for k, hi in (("width", 4096), ("latent", 65536), ("epochs", 10**6), ("batch_size", 2**20),
                       ("bottleneck", 65536), ("downsample1", 1024), ("downsample2", 1024), ("downsample", 1024)):
             if not 1 <= getattr(self, k) <= hi:
                 raise UserError(f"D-VAE {k} must be in [1, {hi}], got {getattr(self, k)}")
-        if self.infer_batch < 0:
-            raise UserError(f"D-VAE infer_batch must be >= 0, got {self.infer_batch}")
+        for k, hi in (("width1", 4096), ("steps", 10**9), ("infer_batch", 2**31)):
+            if not 0 <= getattr(self, k) <= hi:
+                raise UserError(f"D-VAE {k} must be in [0, {hi}], got {getattr(self, k)}")
         # finite first: `lr inf` once trained an all-zero "purified" set, and `nan < 0` is False
-        for k in ("lr", "kld_weight", "grad_clip", "kld_limit1", "kld_limit2", "kld_limit"):
+        for k in ("lr", "kld_weight", "kld_weight1", "grad_clip", "kld_limit1", "kld_limit2", "kld_limit",
+                  "embed_std", "p_cap", "rec_weight"):
             if not math.isfinite(getattr(self, k)):
                 raise UserError(f"D-VAE {k} must be a finite number, got {getattr(self, k)}")
         for k in ("lr", "kld_weight", "grad_clip"):
             if not getattr(self, k) > 0:
                 raise UserError(f"D-VAE {k} must be > 0, got {getattr(self, k)}")
+        if self.kld_weight1 < 0:
+            raise UserError(f"D-VAE kld_weight1 must be >= 0, got {self.kld_weight1}")
         for k in ("kld_limit1", "kld_limit2", "kld_limit"):
             if getattr(self, k) < 0:
                 raise UserError(f"D-VAE {k} must be >= 0, got {getattr(self, k)}")
+        if self.p_input not in P_INPUTS:
+            raise UserError(f"p_input must be one of {', '.join(P_INPUTS)}, got {self.p_input!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise UserError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {self.embedding!r}")
+        if self.loss_form not in LOSS_FORMS:
+            raise UserError(f"loss_form must be one of {', '.join(LOSS_FORMS)}, got {self.loss_form!r}")
+        if self.embed_std < 0 or self.p_cap < 0:
+            raise UserError("embed_std and p_cap must be >= 0")
         if self.compile not in ("auto", "yes", "no"):
             raise UserError(f"compile must be auto, yes or no, got {self.compile!r}")
 
 
-#: the presets, in one place. ``cpu``: sized so 10,000 Fashion-MNIST images purify in <= 4 minutes
-#: on 2 CPU cores (docs/results/purify_speed.md) while the demo's LSP target still holds.
+#: the presets, in one place. ``cpu``: sized by optimizer steps (700 per stage, rounded up to whole
+#: epochs), so 3,000 and 60,000 images both get a trained model; stage 1 twice as wide as stage 2, since
+#: its p_hat is only as clean as its image branch is good (docs/results/disentangle.md); 10,000
+#: Fashion-MNIST images purify in about 5 CPU-minutes (one thread).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "imagenet": {"downsample1": 8, "kld_limit1": 1.5, "epochs": 20},
-    "cpu": {"width": 8, "latent": 32, "epochs": 6, "batch_size": 64},
+    "cpu": {"width": 8, "width1": 16, "latent": 32, "steps": 700, "batch_size": 64},
 }
 
+DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(f.name for f in fields(DVAEConfig)),
+                                            aliases={"smoke": "cpu"}, help="D-VAE / VAE / AE purification",
+                                            label="D-VAE"))
+
 _COMMON_PARAMS: dict[str, tuple[type, Any, str]] = {
-    "preset": (str, "paper", "hyperparameter preset: paper, imagenet or cpu"),
     "width": (int, None, "auto-encoder width w (default: the preset's)"),
     "latent": (int, None, "latent channels (default: the preset's)"),
     "epochs": (int, None, "training epochs per stage (default: the preset's)"),
+    "steps": (int, None, "optimizer steps per stage, rounded up to whole epochs; overrides epochs (cpu preset)"),
     "batch_size": (int, None, "training batch size (default: the preset's)"),
     "lr": (float, None, "Adam learning rate (default: the preset's)"),
 }
@@ -220,7 +271,11 @@ class Checkpointer:
         if self.dir is None or not self.writer:
             return
         with atomic_path(self.dir / name) as tmp:
-            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+            try:
+                torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+            except RuntimeError as e:  # torch's zip writer reports a short write (full disk) this way
+                raise UserError(f"could not write checkpoint (disk full?): {str(e).splitlines()[0]}",
+                                self.dir / name) from None
 
     def epoch_state(self, stage: str) -> dict[str, Any] | None:
         return self._load(f"{stage}.epoch.pt")
@@ -447,7 +502,7 @@ class _AutoencoderPurifier(Purifier):
     """Shared plumbing: config from a preset, device, seed, checkpoints, labels, geometry checks, and the
     choice between the resident and the streamed path (``memory_budget``; ``stream`` forces it)."""
 
-    COMMON = frozenset({"device", "seed", "progress"})
+    COMMON = frozenset({"device", "seed", "progress", "preset"})
     learns = True
     supports_checkpoint = True
     supports_streaming = True
@@ -461,12 +516,12 @@ class _AutoencoderPurifier(Purifier):
                  epoch_callback: EpochCallback | None = None, accel: Accel | None = None,
                  memory_budget: str | int | None = None, stream: bool | None = None,
                  scratch_dir: str | Path | None = None, dist: DistContext | None = None, **overrides: Any) -> None:
+        preset = DVAE_PRESETS.resolve(preset, device)
         super().__init__(preset=preset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
         self.config = DVAEConfig.preset(preset, **overrides)
-        self.device = pick_device(device)
-        #: speed switches of training and inference (default: this config's on this device)
-        self.accel = accel or dvae_accel(self.config, self.device)
-        self._batch_given = accel is not None or bool(self.config.infer_batch)
+        self.device = device  # as given; the device a fit runs on is ``device_``
+        #: speed switches as given (None: this config's defaults on ``device_``, see ``accel_``)
+        self.accel = accel
         self.seed = int(seed)
         self.dist = dist or SINGLE
         self.progress = progress and self.dist.main
@@ -483,6 +538,22 @@ class _AutoencoderPurifier(Purifier):
         self._tmp: Path | None = None
         self._work: Path | None = None
 
+    @classmethod
+    def param_defaults(cls) -> dict[str, str]:
+        """Parameters whose default is "the preset's" show each preset's value (``paper 64, cpu 8``)."""
+        out = super().param_defaults()
+        for k, (_, default, _) in cls.PARAMS.items():
+            if default is None and k in DVAEConfig.__dataclass_fields__:
+                vals = {p: _show(getattr(DVAEConfig.preset(p), k)) for p in DVAE_PRESETS.names()}
+                same = len(set(vals.values())) == 1
+                out[k] = next(iter(vals.values())) if same else ", ".join(f"{p} {v}" for p, v in vals.items())
+        return out
+
+    def _start_fit(self) -> None:
+        self.device_ = pick_device(self.device)
+        #: the speed switches this fit uses (training and inference)
+        self.accel_ = self.accel or dvae_accel(self.config, self.device_)
+
     def _labels(self, y: np.ndarray | None, fitting: bool) -> torch.Tensor | None:
         if y is None:
             return None
@@ -495,7 +566,7 @@ class _AutoencoderPurifier(Purifier):
         elif self.num_classes_ and (y.min() < 0 or y.max() >= self.num_classes_):
             raise UserError(f"labels out of range [0, {self.num_classes_}) seen when fitting: "
                             f"[{y.min()}, {y.max()}]")
-        return torch.as_tensor(y, device=self.device)
+        return torch.as_tensor(y, device=self.device_)
 
     def _fingerprint(self, x: np.ndarray, y: np.ndarray | None) -> tuple[str, dict[str, Any]]:
         cfg = {"method": self.name, "seed": self.seed, **asdict(self.config)}
@@ -518,7 +589,8 @@ class _AutoencoderPurifier(Purifier):
     # --- resident or streamed ----------------------------------------------------------------------
     def _plan(self, x: np.ndarray, what: str) -> bool:
         """Whether ``x`` streams (recorded in ``plan_``): forced by ``stream``, else by the memory budget."""
-        budget = memory_budget(self.memory_budget, self.device)
+        dev = getattr(self, "device_", None) or pick_device(self.device)  # plan() may run before a fit
+        budget = memory_budget(self.memory_budget, dev)
         streamed = self.stream if self.stream is not None else not fits(int(x.nbytes), budget, self.RESIDENT_FACTOR)
         self.plan_ = {"streamed": bool(streamed), "budget_bytes": budget, "images_bytes": int(x.nbytes),
                       "resident_factor": self.RESIDENT_FACTOR, "processes": self.dist.world,
@@ -617,10 +689,10 @@ class _AutoencoderPurifier(Purifier):
         sized for 32x32; larger images get as many pixels a batch, not as many images (at 224x224 the
         256-image batch held ~6 GiB of activations on CPU: docs/results/stream_scale.md). A batch given
         (``infer_batch``, or an ``accel``) is kept."""
-        if self._batch_given:
-            return self.accel
-        per = max(1, self.accel.infer_batch * 32 * 32 // max(1, int(hw[0]) * int(hw[1])))
-        return self.accel.with_(infer_batch=min(self.accel.infer_batch, per))
+        if self.accel is not None or self.config.infer_batch:
+            return self.accel_
+        per = max(1, self.accel_.infer_batch * 32 * 32 // max(1, int(hw[0]) * int(hw[1])))
+        return self.accel_.with_(infer_batch=min(self.accel_.infer_batch, per))
 
     def _discard(self, name: str, files: bool) -> None:
         """Remove a streamed intermediate (x1, x2) once no rank reads it: disk holds fewer copies of the set."""
@@ -628,36 +700,38 @@ class _AutoencoderPurifier(Purifier):
             (self._work / f"{name}.npy").unlink(missing_ok=True)
 
     def _source(self, x: np.ndarray | torch.Tensor, streamed: bool) -> BatchSource:
-        return make_source(x, self.device, stream=streamed)
+        return make_source(x, self.device_, stream=streamed)
 
     def _psnr(self, a: BatchSource, b: BatchSource) -> float:
         """PSNR (dB) between two uint8 sources, accumulated batch by batch (every rank its share)."""
-        sse = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sse = torch.zeros(2, dtype=torch.float64, device=self.device_)
         ranges = shard_ranges(len(a), self._infer_accel(a.hwc).infer_batch, self.dist.rank, self.dist.world)
         for (_, xa), (_, xb) in zip(a.ranges(ranges), b.ranges(ranges)):
             d = (xa.double() - xb.double()) / 255.0
             sse += torch.stack([d.pow(2).sum(), torch.tensor(float(d.numel()), dtype=torch.float64,
-                                                              device=self.device)])
+                                                              device=self.device_)])
         total, count = self.dist.all_reduce_sum_(sse).tolist()
         mse = total / max(count, 1.0)
         return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
     def _fit_stage(self, stage: str, make: Callable[[], nn.Module], loss_fn: Callable[..., Any],
                    x_u8: torch.Tensor | BatchSource, y: torch.Tensor | None, kld_limit: float, ckpt: Checkpointer,
-                   offset: int) -> nn.Module:
+                   offset: int, kld_weight: float = 0.0) -> nn.Module:
         done = ckpt.stage_output(stage)
-        seed_everything(self.seed * 1000 + offset)
-        model = make().to(self.device, memory_format=self.accel.memory_format)
+        with rng_scope(self.seed * 1000 + offset, self.device_):  # weight init; training draws use a generator
+            model = make().to(self.device_, memory_format=self.accel_.memory_format)
         if done is not None:
             model.load_state_dict(done["model"])
             self.history_[stage] = list(done["history"])
             model.eval()
-            if self.accel.compile:
+            if self.accel_.compile:
                 compile_stacks(model)
         else:
+            cfg = replace(self.config, epochs=self.config.epochs_for(len(x_u8)),
+                          kld_weight=kld_weight or self.config.kld_weight)
             self.history_[stage] = train_autoencoder(
-                model, loss_fn, x_u8, y, self.config, kld_limit, stage, self.seed * 1000 + offset, ckpt,
-                self.progress, self.epoch_callback, self.accel, self.dist)
+                model, loss_fn, x_u8, y, cfg, kld_limit, stage, self.seed * 1000 + offset, ckpt,
+                self.progress, self.epoch_callback, self.accel_, self.dist)
             ckpt.save_stage_output(stage, {"model": model.state_dict(), "history": self.history_[stage]})
         self.dist.barrier()
         self.models_[stage] = model
@@ -667,9 +741,9 @@ class _AutoencoderPurifier(Purifier):
         return {k: h[-1] for k, h in self.history_.items() if h}
 
     def _info(self, t0: float) -> dict[str, Any]:
-        return {"final_losses": self._final_losses(), "config": asdict(self.config), "accel": self.accel.to_dict(),
+        return {"final_losses": self._final_losses(), "config": asdict(self.config), "accel": self.accel_.to_dict(),
                 "stream": {k: v for k, v in self.plan_.items() if k != "line"}, "inference_s": time.perf_counter() - t0,
-                "device": str(self.device), **({"distributed": self.dist.describe()} if self.dist.active else {})}
+                "device": str(self.device_), **({"distributed": self.dist.describe()} if self.dist.active else {})}
 
 
 def _nhwc_rows(a: np.ndarray | torch.Tensor, n: int | None = None) -> np.ndarray:
@@ -692,14 +766,31 @@ class DVAEPurifier(_AutoencoderPurifier):
         **_COMMON_PARAMS,
         "kld_limit1": (float, None, "stage-1 KLD limit (paper 1.0; imagenet 1.5)"),
         "kld_limit2": (float, None, "stage-2 KLD limit (paper 3.0)"),
+        "kld_weight1": (float, None, "stage-1 KLD weight lambda; 0: the stage-2 one (paper 0.01)"),
         "downsample1": (int, None, "stage-1 downsampling factor (paper 2; imagenet 8)"),
+        "width1": (int, None, "stage-1 width (0: --width; cpu preset 16)"),
+        "p_input": (str, None, "what D_p sees besides u_y: class (default), z (paper text), features (release)"),
         "skip_stage1": (bool, None, "ablation: stage 2 only"),
         "stage2_subtract": (bool, None, "ablation: false -> x3 = x_hat(x1), no subtraction in stage 2"),
     }
 
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        h, w, _ = image_shape
+        if not self.config.skip_stage1:
+            check_geometry(h, w, self.config.downsample1)
+        check_geometry(h, w, self.config.downsample2)
+
     def _make(self, stage: int, c: int, hw: tuple[int, int]) -> Callable[[], nn.Module]:
-        d = self.config.downsample1 if stage == 1 else self.config.downsample2
-        return lambda: DVAE(c, hw, self.num_classes_, self.config.width, self.config.latent, d)
+        cfg = self.config
+        d = cfg.downsample1 if stage == 1 else cfg.downsample2
+        width = (cfg.width1 or cfg.width) if stage == 1 else cfg.width
+        return lambda: DVAE(c, hw, self.num_classes_, width, cfg.latent, d, p_input=cfg.p_input,
+                            embedding=cfg.embedding, embed_std=cfg.embed_std)
+
+    def _loss(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        cfg = self.config
+        return functools.partial(dvae_loss, form=cfg.loss_form, p_cap=cfg.p_cap or None,
+                                 rec_weight=cfg.rec_weight, detach_residual=cfg.detach_residual)
 
     def fit_stage1(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> DVAEPurifier:
         """Fit stage 1 only: detection needs stage 1's ``p_hat``, at half the cost of a full fit."""
@@ -710,6 +801,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         return self
 
     def _fit(self, x: np.ndarray, y: np.ndarray | None, stage1_only: bool = False) -> None:
+        self._start_fit()
         cfg = self.config
         yt = self._labels(y, fitting=True)
         h, w, c = x.shape[1:]
@@ -726,11 +818,12 @@ class DVAEPurifier(_AutoencoderPurifier):
         x1 = x0
         try:
             if not cfg.skip_stage1:
-                m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), dvae_loss, x0, yt, cfg.kld_limit1, ckpt, 1)
+                m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), self._loss(), x0, yt, cfg.kld_limit1, ckpt, 1,
+                                     kld_weight=cfg.kld_weight1)
                 if stage1_only:
                     return
                 x1 = self._stage1_images(m1, x0, yt, ckpt, streamed, (len(x), h, w, c))
-            self._fit_stage("stage2", self._make(2, c, (h, w)), dvae_loss, x1, yt, cfg.kld_limit2, ckpt, 2)
+            self._fit_stage("stage2", self._make(2, c, (h, w)), self._loss(), x1, yt, cfg.kld_limit2, ckpt, 2)
         finally:
             x0.close()
             x1.close()
@@ -766,7 +859,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         yy = self._labels(as_labels(y, len(xx)), fitting=False)
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
-        x_u8 = to_device_images(xx, self.device)
+        x_u8 = to_device_images(xx, self.device_)
         p = _infer(self.models_[stage], x_u8, yy, self._infer_accel(xx.shape[1:]), lambda o, xb: o["p_hat"] * 255)
         return _nhwc(p.half())
 
@@ -841,7 +934,11 @@ class _ReconstructionPurifier(_AutoencoderPurifier):
     def _limit(self) -> float:
         return 0.0
 
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        check_geometry(image_shape[0], image_shape[1], self.config.downsample)
+
     def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        self._start_fit()
         h, w, c = x.shape[1:]
         check_geometry(h, w, self.config.downsample)
         fp, cfg_json = self._fingerprint(x, None)

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..utils import pick_device
+from ..tensors import pick_device
 from .base import DEFENSES, Purifier
 
 #: images per device chunk for the tensor purifiers (bounded memory on any dataset size)

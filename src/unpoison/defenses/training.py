@@ -1,6 +1,8 @@
 """Training-time defenses (App. C.2): PGD adversarial training (``at``) and UEraser (``ueraser``).
 
-Each entry of :data:`TRAIN_DEFENSES` is a factory ``(**params) -> callable(model, x, y) -> x'``.
+Each entry of :data:`TRAIN_DEFENSES` is a class whose instances are callables ``(model, x, y) -> x'``; its
+``PARAMS`` table (name -> (type, default, help)) gives ``unpoison evaluate --train-defense NAME`` its flags
+and the benchmark its parameter check.
 :func:`unpoison.train.train_classifier` calls it on every batch *after* its own crop/flip, with ``x``
 a float batch in [0, 1], and puts the model back in train mode afterwards.
 
@@ -17,7 +19,7 @@ Speed switches (bf16 autocast of the inner forward passes, channels_last) come f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,6 @@ from torch import nn
 
 from ..accel import Accel
 from ..errors import UserError
-from ..train import TrainDefense
 from ..utils import parse_fraction
 from .base import TRAIN_DEFENSES
 
@@ -68,8 +69,17 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
     return (x + delta).detach()
 
 
+@TRAIN_DEFENSES.register("at", help="PGD adversarial training (eps 8/255, 10 steps of 1.6/255, random start)")
 class AdversarialTraining:
     """Madry PGD adversarial training: the batch is replaced by its PGD adversarial examples."""
+
+    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
+        "eps": (str, "8/255", "PGD radius (l_inf, pixels in [0, 1])"),
+        "steps": (int, 10, "PGD steps per batch"),
+        "step_size": (str, "1.6/255", "PGD step size"),
+        "random_start": (bool, True, "start PGD from a uniform random point in the ball"),
+        "seed": (int, None, "seed of a local generator for the random start (default: the training run's RNG)"),
+    }
 
     def __init__(self, eps: float | str = "8/255", steps: int = 10, step_size: float | str = "1.6/255",
                  random_start: bool = True, seed: int | None = None, accel: Accel | None = None) -> None:
@@ -118,24 +128,42 @@ def ueraser_augmentation(channels: int) -> nn.Module:
     return K.AugmentationSequential(*ops)
 
 
+@TRAIN_DEFENSES.register("ueraser", help="UEraser: loss-maximising kornia augmentations (K=5, then K=1)")
 class UEraser:
     """UEraser-Max: per sample, keep the augmented copy (of ``repeats``) with the highest loss.
 
-    ``repeats`` copies are drawn while fewer than ``switch_step`` batches have been seen, then
-    one (plain random augmentation, UEraser's later phase). ``switch_step=None`` never switches.
-    The step counter lives in the callable, so use one instance per training run.
+    ``repeats`` copies are drawn while fewer than ``switch_step`` batches have been seen (or the first
+    ``switch_frac`` of the run's steps, known once training calls :meth:`begin`), then one (plain random
+    augmentation, UEraser's later phase). Neither set: never switches. The step counter lives in the
+    callable, so use one instance per training run.
     """
 
-    def __init__(self, repeats: int = 5, switch_step: int | None = None, accel: Accel | None = None) -> None:
+    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
+        "repeats": (int, 5, "augmented copies per sample while in the max phase (K)"),
+        "switch_step": (int, None, "batches after which to use one copy (default: never)"),
+        "switch_frac": (float, None, "like switch_step, as a fraction of the run's steps (e.g. 0.8)"),
+    }
+
+    def __init__(self, repeats: int = 5, switch_step: int | None = None, switch_frac: float | None = None,
+                 accel: Accel | None = None) -> None:
         if int(repeats) != repeats or repeats < 1:
             raise UserError(f"UEraser repeats must be a positive integer, got {repeats!r}")
         if switch_step is not None and (int(switch_step) != switch_step or switch_step < 0):
             raise UserError(f"UEraser switch step must be a non-negative integer, got {switch_step!r}")
+        if switch_frac is not None and (switch_step is not None or not 0 <= switch_frac <= 1):
+            raise UserError(f"UEraser switch_frac must be in [0, 1], without switch_step; got {switch_frac!r}")
         self.repeats = int(repeats)
         self.switch_step = None if switch_step is None else int(switch_step)
+        self.switch_frac = switch_frac
         self.step = 0
         self.accel = accel
         self._aug: dict[int, nn.Module] = {}
+
+    def begin(self, total_steps: int) -> None:
+        """Called by the training loop before its first step: fixes ``switch_step`` from ``switch_frac``."""
+        self.step = 0
+        if self.switch_frac is not None:
+            self.switch_step = int(self.switch_frac * total_steps)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -171,12 +199,3 @@ class UEraser:
     def __repr__(self) -> str:
         return f"UEraser(repeats={self.repeats}, switch_step={self.switch_step})"
 
-
-@TRAIN_DEFENSES.register("at", help="PGD adversarial training (eps 8/255, 10 steps of 1.6/255, random start)")
-def make_at(**params: Any) -> TrainDefense:
-    return AdversarialTraining(**params)
-
-
-@TRAIN_DEFENSES.register("ueraser", help="UEraser: loss-maximising kornia augmentations (K=5, then K=1)")
-def make_ueraser(**params: Any) -> TrainDefense:
-    return UEraser(**params)

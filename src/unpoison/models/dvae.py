@@ -121,43 +121,90 @@ class RateConstrainedVAE(_VariationalBase):
         return {"x_hat": self.decoder(self.from_z(z)), "mu": mu, "logvar": logvar}
 
 
+#: what the perturbation decoder D_p sees besides the class embedding u_y
+P_INPUTS = ("z", "features", "class")
+#: shape of the class embedding u_y
+EMBEDDINGS = ("spatial", "vector")
+
+
 class DVAE(_VariationalBase):
-    """D-VAE (Fig. 1): ``x_hat = D_c(z)``, ``p_hat = D_p(u_y + z')`` with a class-wise embedding ``u_y``."""
+    """D-VAE (Fig. 1): ``x_hat = D_c(z)``, ``p_hat = D_p(u_y + h)`` with a class-wise embedding ``u_y``.
+
+    ``p_input`` picks ``h``: ``"z"`` the (sampled, rate-limited) latent mapped back to 2w channels
+    (the paper's text, ``u_y + z``); ``"features"`` the encoder's features *before* the mu/logvar
+    bottleneck (the authors' release: ``Embedding + stem_out``); ``"class"`` nothing (``D_p(u_y)``,
+    the release's ``sample_wise=False``). ``embedding``: ``"spatial"`` one 2w x H/d x W/d map per class,
+    ``"vector"`` one 2w vector per class broadcast over positions (the release's default).
+    ``embed_std``: initial N(0, std) of ``u_y`` (0: zeros; the release's ``nn.Embedding`` uses 1).
+    """
 
     def __init__(self, in_channels: int, image_size: tuple[int, int] | int, num_classes: int, width: int = 64,
-                 latent: int = 256, downsample: int = 2) -> None:
+                 latent: int = 256, downsample: int = 2, p_input: str = "class", embedding: str = "spatial",
+                 embed_std: float = 0.0) -> None:
         super().__init__(in_channels, image_size, width, latent, downsample)
         if num_classes < 2:
             raise UserError(f"D-VAE needs at least two classes, got {num_classes}")
-        self.num_classes = num_classes
+        if p_input not in P_INPUTS:
+            raise UserError(f"D-VAE p_input must be one of {', '.join(P_INPUTS)}, got {p_input!r}")
+        if embedding not in EMBEDDINGS:
+            raise UserError(f"D-VAE embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
+        self.num_classes, self.p_input, self.embedding = num_classes, p_input, embedding
         h, w = self.image_size
-        self.class_embedding = nn.Parameter(torch.zeros(num_classes, 2 * width, h // downsample, w // downsample))
+        shape = (num_classes, 2 * width, h // downsample, w // downsample) if embedding == "spatial" else (
+            num_classes, 2 * width, 1, 1)
+        self.class_embedding = nn.Parameter(torch.randn(shape) * embed_std if embed_std > 0 else torch.zeros(shape))
         self.perturbation_decoder = Decoder(in_channels, width, downsample, sigmoid=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sample: bool = False,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        mu, logvar = self.encode(x)
+        feats = self.encoder(x)
+        mu, logvar = self.to_mu(feats), self.to_logvar(feats)
         z = self.sample(mu, logvar, sample, generator)
         h = self.from_z(z)
-        return {"x_hat": self.decoder(h), "p_hat": self.perturbation_decoder(h + self.class_embedding[y]),
-                "mu": mu, "logvar": logvar}
+        u = self.class_embedding[y]
+        if self.p_input == "z":
+            hp = h + u
+        elif self.p_input == "features":
+            hp = feats + u
+        else:
+            hp = u.expand(-1, -1, *feats.shape[2:])
+        return {"x_hat": self.decoder(h), "p_hat": self.perturbation_decoder(hp), "mu": mu, "logvar": logvar}
+
+
+#: forms of Eq. 14's second term
+LOSS_FORMS = ("paper", "release")
 
 
 def dvae_loss(x: torch.Tensor, out: dict[str, torch.Tensor], kld_weight: float = 0.01,
-              kld_limit: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 14 in the paper's form: ``||x - x_hat||^2 + ||(x - x_hat) - p_hat||^2 + lambda max(KLD, limit)``.
+              kld_limit: float = 1.0, form: str = "paper",
+              p_cap: float | None = None, rec_weight: float = 1.0,
+              detach_residual: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 14: ``||x - x_hat||^2 + ||(x - x_hat) - p_hat||^2 + lambda max(KLD, limit)``.
 
     Squared norms are means over pixels (``F.mse_loss``) so that ``lambda = 0.01`` and a per-position
-    KLD limit balance as in the release. The second term uses the paper's (unclamped) form: ``p_hat``
-    learns the residual that the rate-limited image decoder cannot express (the perturbation).
-    Returns the total and its parts (detached).
+    KLD limit balance as in the release. ``form="paper"``: the second term as written (unclamped);
+    ``"release"``: ``||clamp(x_hat + p_hat, 0, 1) - x||^2``. ``p_cap``: add the release's
+    ``max(mean(p_hat^2), p_cap)``, which shrinks ``p_hat`` once its energy exceeds what a bounded
+    poison can have (the release uses 0.002 after its 10th epoch). ``rec_weight`` scales the first
+    term (1 in the paper; 0 leaves only ``x ~ x_hat + p_hat``). ``detach_residual``: no gradient from
+    the second term into ``x_hat`` (the image branch is then a plain rate-constrained VAE, and ``p_hat``
+    fits its residual instead of pulling ``x_hat`` toward ``x - p_hat``). Returns the total and its parts.
     """
     x_hat, p_hat = out["x_hat"].float(), out["p_hat"].float()
     rec = F.mse_loss(x_hat, x)
-    pert = F.mse_loss(x - x_hat, p_hat)
+    xh = x_hat.detach() if detach_residual else x_hat
+    if form == "paper":
+        pert = F.mse_loss(x - xh, p_hat)
+    elif form == "release":
+        pert = F.mse_loss((xh + p_hat).clamp(0, 1), x)
+    else:
+        raise UserError(f"D-VAE loss form must be one of {', '.join(LOSS_FORMS)}, got {form!r}")
     kld = kl_divergence(out["mu"].float(), out["logvar"].float())
-    loss = rec + pert + rate_term(kld, kld_weight, kld_limit)
-    return loss, {"rec": rec.detach(), "pert": pert.detach(), "kld": kld.detach()}
+    loss = rec_weight * rec + pert + rate_term(kld, kld_weight, kld_limit)
+    p_energy = p_hat.pow(2).mean()
+    if p_cap is not None:
+        loss = loss + torch.clamp(p_energy, min=p_cap)
+    return loss, {"rec": rec.detach(), "pert": pert.detach(), "kld": kld.detach(), "p_energy": p_energy.detach()}
 
 
 def vae_loss(x: torch.Tensor, out: dict[str, torch.Tensor], kld_weight: float = 0.01,
