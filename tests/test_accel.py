@@ -99,19 +99,22 @@ def dvae_reference() -> tuple[np.ndarray, dict[str, list[float]]]:
 
 
 # measured max over seeds 0-5 (stage-1 gap / stage-2 gap / lowest PSNR of the output vs fp32, dB), with the
-# class-only D_p and detach_residual defaults (re-measured after that model change; scratch script, not kept):
-#   bf16           5.9e-2 / 1.6e-1 / 20.0     -> tolerances 0.15 / 0.4 / 16
+# class-only D_p, detach_residual and the per-epoch, per-rank sampling generators of the streamed/DDP loop,
+# both stages at one width (dvae_run below; scratch script, not kept). Two measurements, at the model change
+# and at the issue-14 merge, gave these maxima (gaps move with the random draws; seed 0 of the new draws
+# exceeded the earlier bf16 bounds); the tolerances cover both with a margin:
+#   bf16           6.2e-2 / 1.6e-1 / 19.8     -> tolerances 0.15 / 0.4 / 15
 #   fused_adam     2.0e-7 / 2.6e-7 / 79.5     -> 1e-6 / 3e-3 / 40
-#   channels_last  1.5e-3 / 2.0e-2 / 27.6     -> 5e-3 / 5e-2 / 22
+#   channels_last  6.9e-3 / 2.0e-2 / 27.6     -> 2e-2 / 5e-2 / 22
 #   infer_batch=7  0      / 1.1e-3 / 48.7     -> 0    / 4e-3 / 35
 # Stage 2 trains on stage 1's output rounded to uint8, so any change there is amplified: a different
 # inference batch alone (same weights) moves a few pixels of x1 by one grey level. bf16's gaps are the
 # largest (8 mantissa bits through two short chaotic trainings); the bounds still fail a run that diverges
 # or learns nothing (a 2x loss, a non-finite value, an output at noise level).
 DVAE_CASES = {
-    "bf16": (Accel(bf16=True), 0.15, 0.4, 16.0),
+    "bf16": (Accel(bf16=True), 0.15, 0.4, 15.0),
     "fused_adam": (Accel(fused_adam=True), 1e-6, 3e-3, 40.0),
-    "channels_last": (Accel(channels_last=True), 5e-3, 5e-2, 22.0),
+    "channels_last": (Accel(channels_last=True), 2e-2, 5e-2, 22.0),
     "infer_batch": (Accel(infer_batch=7), 0.0, 4e-3, 35.0),
 }
 
@@ -185,7 +188,7 @@ def test_dvae_torch_compile_with_bf16_tracks_fp32(dvae_reference) -> None:
     assert finite(hist["stage1"] + hist["stage2"])
     assert rel_gap(hist["stage1"], ref_hist["stage1"]) <= 0.15  # bf16's bounds (DVAE_CASES); compile adds little
     assert rel_gap(hist["stage2"], ref_hist["stage2"]) <= 0.4
-    assert psnr(out, ref_out) >= 16.0
+    assert psnr(out, ref_out) >= 15.0
     diff = (compiled - plain).abs()
     assert torch.isfinite(compiled).all() and diff.max() <= 0.04 and diff.mean() <= 0.004
 

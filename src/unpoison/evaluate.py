@@ -12,9 +12,10 @@ from .train import TrainConfig, TrainDefense, TrainResult, train_classifier
 
 def evaluate(train: ImageDataset, test: ImageDataset | None = None, config: TrainConfig | None = None,
              seed: int = 0, device: str | torch.device = "auto", train_defense: TrainDefense | None = None,
-             progress: bool = True, desc: str = "evaluate") -> dict[str, Any]:
+             progress: bool = True, desc: str = "evaluate", memory_budget: str | int | None = None) -> dict[str, Any]:
     """Train on ``train`` and return the protocol's record (final/best accuracy, per class, timings)."""
-    res: TrainResult = train_classifier(train, test, config, seed, device, train_defense, progress, desc)
+    res: TrainResult = train_classifier(train, test, config, seed, device, train_defense, progress, desc,
+                                        memory_budget=memory_budget)
     test = test or train
     out = res.summary()
     out["per_class_acc"] = dict(zip(test.classes, res.per_class_acc))

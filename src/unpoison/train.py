@@ -3,7 +3,8 @@
 Hyperparameters live in :class:`TrainConfig` (one place). The whole training split is moved to the
 device once as uint8; each batch is converted, augmented (random crop with 4 px zero padding,
 horizontal flip) and normalised on the device with vectorised tensor ops, so there is no DataLoader
-and no per-image Python loop.
+and no per-image Python loop. A split larger than the memory budget (``memory_budget``) is streamed
+from disk instead (:mod:`unpoison.stream`): same permutation, same batches, same result.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .data import ImageDataset
 from .errors import UserError, check_finite_loss
 from .models import create_model
 from .presets import PresetTable, register_presets
+from .stream import BatchSource, ResidentSource, fits, make_source, shard_ranges
+from .stream import memory_budget as _memory_budget
 from .tensors import TrainDefense, augment_batch, pick_device, rng_scope, sgd_cosine, to_device_images
 
 __all__ = ["TrainConfig", "TrainResult", "TrainDefense", "train_classifier", "predict", "accuracy", "TRAIN_PRESETS",
@@ -94,16 +97,15 @@ class TrainResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x_u8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Class predictions for a uint8 NCHW tensor already on the model's device."""
+def predict(model: nn.Module, x_u8: torch.Tensor | BatchSource, batch_size: int = 512) -> torch.Tensor:
+    """Class predictions for a uint8 NCHW tensor already on the model's device (or a :class:`BatchSource`)."""
     model.eval()
-    preds = []
-    for i in range(0, len(x_u8), batch_size):
-        preds.append(model(x_u8[i:i + batch_size].float().div_(255)).argmax(1))
+    src = x_u8 if isinstance(x_u8, BatchSource) else ResidentSource(x_u8)
+    preds = [model(xb.float().div_(255)).argmax(1) for _, xb in src.ranges(shard_ranges(len(src), batch_size))]
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, num_classes: int,
+def accuracy(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor, num_classes: int,
              batch_size: int = 512) -> tuple[float, list[float]]:
     p = predict(model, x_u8, batch_size)
     correct = (p == y).float()
@@ -122,18 +124,22 @@ def train_classifier(
     progress: bool = True,
     desc: str = "train",
     accel: Accel | None = None,
+    memory_budget: str | int | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``train``'s training split; score on ``test``'s test split.
 
     ``test`` defaults to ``train`` itself (its own test split). Reported accuracy is the
     last epoch's (the paper's rule); the best epoch is kept for reference. ``accel`` picks bf16
     autocast, channels_last and the evaluation batch (default ``Accel.auto(device, "classifier")``).
+    Both splits are kept on the device when they fit ``memory_budget`` together (default: half the
+    free memory); otherwise the training split, and the test split if it does not fit alone, stream.
     Random draws use a local generator; what cannot take one (weight init, kornia in UEraser) runs in
     :func:`rng_scope`, so the caller's RNG state is left as it was.
     """
     dev = pick_device(device)
     with rng_scope(seed, dev):
-        return _train_classifier(train, test, config, seed, dev, train_defense, progress, desc, accel)
+        return _train_classifier(train, test, config, seed, dev, train_defense, progress, desc, accel,
+                                 memory_budget)
 
 
 def _train_classifier(
@@ -146,6 +152,7 @@ def _train_classifier(
     progress: bool = True,
     desc: str = "train",
     accel: Accel | None = None,
+    memory_budget: str | int | None = None,
 ) -> TrainResult:
     cfg = config or TrainConfig()
     test = test or train
@@ -162,9 +169,11 @@ def _train_classifier(
     model = create_model(cfg.model, train.num_classes, c, max(h, w)).to(dev)
     accel = accel or Accel.auto(dev, "classifier")
     model = model.to(memory_format=accel.memory_format)
-    x_tr = to_device_images(train.x_train, dev)
+    budget = _memory_budget(memory_budget, dev)
+    both = fits(int(train.x_train.nbytes) + int(test.x_test.nbytes), budget)  # type: ignore[union-attr]
+    x_tr = make_source(train.x_train, dev, stream=not both)
     y_tr = torch.as_tensor(train.y_train, device=dev)
-    x_te = to_device_images(test.x_test, dev)  # type: ignore[arg-type]
+    x_te = make_source(test.x_test, dev, budget)  # type: ignore[arg-type]
     y_te = torch.as_tensor(test.y_test, device=dev)
     n = len(x_tr)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
@@ -180,9 +189,8 @@ def _train_classifier(
         perm = torch.randperm(n, device=dev, generator=gen)
         tot_loss = torch.zeros((), device=dev)
         tot_correct = torch.zeros((), device=dev)
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb = augment_batch(x_tr[idx].float().div_(255), cfg.crop_pad, cfg.flip, gen)
+        for idx, x_b in x_tr.batches(list(perm.split(cfg.batch_size))):
+            xb = augment_batch(x_b.float().div_(255), cfg.crop_pad, cfg.flip, gen)
             yb = y_tr[idx]
             if train_defense is not None:
                 xb = train_defense(model, xb, yb)
@@ -208,6 +216,8 @@ def _train_classifier(
         bar.set_postfix(loss=f"{rec['train_loss']:.3f}", train_acc=f"{rec['train_acc']:.1f}",
                         test_acc=f"{rec.get('test_acc', float('nan')):.1f}")
     elapsed = time.perf_counter() - t0
+    x_tr.close()
+    x_te.close()
     return TrainResult(model=model, config=asdict(cfg), final_acc=acc, best_acc=best, best_epoch=best_ep,
                        per_class_acc=per_class, history=history, train_time_s=elapsed,
                        images_per_s=n * cfg.epochs / elapsed)

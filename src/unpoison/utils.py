@@ -81,8 +81,30 @@ def write_json(path: str | Path, obj: Any, policy: Policy = "internal") -> None:
 
 
 def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, arr)
+    from .data.rows import file_backing, save_rows
+
+    with atomic_path(path) as tmp:
+        if arr.ndim and file_backing(arr) is not None:  # a memmap: copied from its file in chunks
+            save_rows(arr, tmp)
+            return
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def move_file_atomic(src: str | Path, final: str | Path) -> None:
+    """Put a file of our own at ``final`` by a rename into the atomic write (a copy across file systems)."""
+    import errno
+    import os
+    import shutil
+
+    with atomic_path(final) as tmp:
+        try:
+            os.replace(src, tmp)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(src, tmp)
+            os.unlink(src)
 
 
 def manifest(command: str, config: dict[str, Any], seed: int, timings: dict[str, float],

@@ -28,7 +28,8 @@ Config shape (every key optional except ``axes``)::
     defense_params: {dvae: {...}}                 # merged into every entry of that defense
     diffusion: {preset: paper}                    # AVATAR without a checkpoint: a dependency cell trains one
     params: {...}                                 # kind-specific parameters (e.g. detection's)
-    resources: {num_cpus: 1, num_gpus: 0}         # what the Ray executor asks for per cell
+    resources: {num_cpus: 1, num_gpus: 0}         # what the Ray executor asks for per cell; num_gpus > 1
+                                                  # (or nproc: N): the purifier runs data-parallel, N ranks
     presets: {smoke: {...}, cpu: {...}, paper: {...}}   # deep-merged over the above
 """
 

@@ -220,15 +220,15 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _measure(ctx: CellContext, x_clean: np.ndarray, x_p: np.ndarray, idx: np.ndarray, pur: Any,
-             x_out: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Every stage of ``pur`` against the clean images (the report's per-stage numbers), and the residual grid
-    (``residual.png``: p, p_hat, p - p_hat, output - clean) of up to 8 poisoned images."""
+def _measure(ctx: CellContext, x_clean: np.ndarray, x_p: np.ndarray, idx: np.ndarray, stages: dict[str, Any],
+             p_hat: np.ndarray | None, x_out: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Every stage of a purifier (``stages``, its stage-1 ``p_hat``) against the clean images (the report's
+    per-stage numbers), and the residual grid (``residual.png``: p, p_hat, p - p_hat, output - clean) of up
+    to 8 poisoned images."""
     from ..disentangle import headline, purification_report, save_residual_grid, true_perturbation
 
-    p_hat = pur.extras_.get("p_hat")
     with ctx.timer("measure"):
-        rep = purification_report(x_clean, x_p, x_out, pur.stages_, p_hat, y, subset=idx)
+        rep = purification_report(x_clean, x_p, x_out, stages, p_hat, y, subset=idx)
         if len(idx):
             show = np.sort(np.asarray(idx))[:8]
             save_residual_grid(true_perturbation(x_clean[show], x_p[show]),
@@ -254,18 +254,31 @@ def kind_purify(ctx: CellContext) -> dict[str, Any]:
     from ..defenses import DEFENSES
 
     if d["name"] != "none" and d["name"] in DEFENSES:
-        pur = ctx.purifier()
-        with ctx.timer("purify"):
-            x_train = pur.fit_purify(x_p, ds.y_train)
-        out["defense_info"] = pur.info_
+        res = ctx.c.get("resources") or {}
+        nproc = int(res.get("nproc") or res.get("num_gpus") or 1)
+        if nproc > 1 and DEFENSES.get(d["name"]).supports_streaming:  # several GPUs: one data-parallel rank each
+            from ..distributed import purify_in_processes
+
+            with ctx.timer("purify"):
+                x_mm, info = purify_in_processes(d["name"], d["params"], x_p, ds.y_train, nproc, ctx.dir / "nproc",
+                                                    ctx.seed, str(ctx.device))
+            x_train, stages = np.array(x_mm), {}  # a cell's set is small: in memory for its PSNRs and grid
+            p_file = ctx.dir / "nproc" / "out.report" / "p_hat.npy"  # the run's report keeps stage 1's p_hat
+            p_hat = np.load(p_file) if p_file.is_file() else None
+        else:
+            pur = ctx.purifier()
+            with ctx.timer("purify"):
+                x_train = pur.fit_purify(x_p, ds.y_train)
+            info, stages, p_hat = pur.info_, pur.stages_, pur.extras_.get("p_hat")
+        out["defense_info"] = info
         out["psnr"] = psnr(x_p, x_train)
         out["psnr_clean"] = psnr(ds.x_train, x_train)
         from ..viz import residual_image
 
-        ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **pur.stages_, "purified": x_train,
+        ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **stages, "purified": x_train,
                        "residual": residual_image(x_p, x_train)},
                       f"{ctx.c['attack']['label']} / {d['label']}: PSNR {out['psnr']:.2f} dB")
-        out.update(_measure(ctx, ds.x_train, x_p, idx, pur, x_train, ds.y_train))
+        out.update(_measure(ctx, ds.x_train, x_p, idx, stages, p_hat, x_train, ds.y_train))
     elif d["name"] != "none":
         from ..defenses import make_train_defense
 
@@ -323,7 +336,7 @@ def kind_disentangle_check(ctx: CellContext) -> dict[str, Any]:
         raise UserError(f"defense {name!r} exposes no stage-1 p_hat; the disentangle check needs one (e.g. dvae)")
     out: dict[str, Any] = {"attack_info": ainfo, "defense_info": pur.info_, "n_poisoned": int(len(idx)),
                            "psnr": psnr(x_p, x_out), "psnr_clean": psnr(ds.x_train, x_out)}
-    out.update(_measure(ctx, ds.x_train, x_p, idx, pur, x_out, ds.y_train))
+    out.update(_measure(ctx, ds.x_train, x_p, idx, pur.stages_, p_hat, x_out, ds.y_train))
     with ctx.timer("train"):
         t1 = table1_check(ds.x_train, ds.y_train, p_hat, x_p, ds.x_test, ds.y_test, ctx.train_config(), ctx.seed,
                           ctx.device, ctx.progress, ds.classes)

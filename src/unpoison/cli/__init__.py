@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"unpoison {command}" if command else "unpoison"
     try:
         args = build_parser(argv).parse_args(argv)
+        args.argv = list(argv)  # a launcher (purify --nproc) reruns it per rank
         check_args(args)
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: `unpoison info X | head` fails here, not at exit

@@ -35,6 +35,12 @@ def add_format(p: argparse.ArgumentParser) -> None:
                    help="output format (npz, imagefolder, idx, npy, cifar10, ...); default: the input's")
 
 
+def add_memory_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="memory a split may take resident (2G, 512M); larger splits stream from disk "
+                        "(default: half the free memory of the device)")
+
+
 # --- presets -------------------------------------------------------------------------------------------------
 def preset_help(tables: list[PresetTable]) -> str:
     """``--preset`` help naming what it sizes (every family the command runs)."""

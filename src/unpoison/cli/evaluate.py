@@ -18,6 +18,7 @@ from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, write_json
 from ._common import (
     add_device_seed,
+    add_memory_budget,
     add_method_flags,
     add_overwrite,
     add_preset,
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
                    help="; ".join(f"{n}: {TRAIN_DEFENSES.help(n)}" for n in TRAIN_DEFENSES.names()))
     p.add_argument("--out", default=None, help="write the JSON record here (default: print only)")
     add_overwrite(p)
+    add_memory_budget(p)
     add_device_seed(p)
     add_quiet(p)
     td = peek(argv, "--train-defense")
@@ -61,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, inputs=inputs, overwrite=args.overwrite, is_dir=False, dataset=False)
     with timer("load"):
-        train = load_dataset(args.train)
-        test = load_dataset(args.test) if args.test else None
+        train = load_dataset(args.train, mmap=True)  # an npy folder larger than the budget streams from disk
+        test = load_dataset(args.test, mmap=True) if args.test else None
     if args.out:
         check_output(args.out, inputs=[*inputs, train.source, test.source if test else None],
                      overwrite=args.overwrite, is_dir=False, dataset=False)
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     elif params:
         raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in params)} need --train-defense")
     with timer("train"):
-        rec = evaluate(train, test, cfg, args.seed, args.device, defense, progress=not args.quiet)
+        rec = evaluate(train, test, cfg, args.seed, args.device, defense, progress=not args.quiet,
+                       memory_budget=args.memory_budget)
     rec["train_defense"] = {"name": args.train_defense, "params": params} if args.train_defense else None
     print(f"clean test accuracy (last epoch): {rec['final_acc']:.2f}%   best: {rec['best_acc']:.2f}% "
           f"(epoch {rec['best_epoch']})   time: {rec['train_time_s']:.1f}s   {rec['images_per_s']:.0f} img/s")

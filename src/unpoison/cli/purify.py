@@ -11,25 +11,37 @@ side; ``--reference-test`` adds the paper's Table 1 check (a classifier training
 Method parameters are flags generated from the chosen purifier's ``PARAMS`` table: ``unpoison purify
 --method NAME --help`` lists them with their defaults. ``--preset`` (default auto: paper on CUDA, cpu on
 CPU) sizes the purifiers that have presets (dvae, vae, ae).
+
+Larger than memory: an ``npy`` folder is memory-mapped, and when its training split does not fit
+``--memory-budget`` (default: half the free memory of the device) the auto-encoder methods (dvae, vae,
+ae) stream it from disk and write every stage by rows into ``OUT.report/checkpoints/``; the result is
+the same as in memory. Several processes: ``--nproc N`` (this machine; one GPU each, or CPU processes
+with gloo), or ``torchrun --nproc-per-node N [--nnodes ...] -m unpoison purify ...`` for several
+machines (IN and OUT on a file system every machine sees; see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..data import ImageDataset, load_dataset, save_dataset, spec_path
 from ..defenses import DEFENSES, make_purifier
 from ..defenses.dvae import DVAE_PRESETS
 from ..errors import UserError
-from ..utils import Timer, manifest, psnr, save_npy_atomic, write_json, write_text_atomic
+from ..presets import choose
+from ..stream import psnr_arrays
+from ..utils import Timer, manifest, move_file_atomic, save_npy_atomic, write_json, write_text_atomic
 from ..viz import residual_image, save_image_grid
 from ._common import (
     add_device_seed,
     add_format,
+    add_memory_budget,
     add_method_flags,
     add_overwrite,
     add_preset,
@@ -62,51 +74,119 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
     add_overwrite(p)
     add_device_seed(p)
     add_quiet(p)
+    add_memory_budget(p)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train and purify with N processes on this machine (launches torch.distributed.run; "
+                        "one GPU each, or CPU processes with gloo); for several machines run torchrun yourself")
+    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="S",
+                   help="seconds a process waits for the others before the job stops (default %(default)s)")
     add_method_flags(p, cls.PARAMS, cls.param_defaults(), _COMMON, f"parameters of --method {method}")
     _add_reference_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    launched = bool(os.environ.get(distributed.LAUNCHED_ENV))
+    if args.nproc is not None and not launched:
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            if not DEFENSES.get(args.method).supports_streaming:
+                raise UserError(f"--method {args.method} runs in one process; drop --nproc")
+            check_dataset_output(args.output, args.input, args.overwrite)  # refused before any process starts
+            return distributed.launch(args.nproc, list(getattr(args, "argv", [])), "unpoison purify")
+    if not 1 <= args.dist_timeout <= 7 * 86400:
+        raise UserError(f"--dist-timeout must be in [1, 604800] seconds, got {args.dist_timeout}")
+    ctx, device = distributed.init(args.device, args.dist_timeout)
+    try:
+        with distributed.peer_loss_is_one_line(ctx):
+            return _run(args, ctx, device)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _check_output_once(ctx: distributed.DistContext, args: argparse.Namespace, ds: Any = None) -> None:
+    """Rank 0 checks OUT (and undoes a dead writer's leftovers); every rank gets its verdict."""
+    err = None
+    if ctx.main:
+        try:
+            check_dataset_output(args.output, args.input, args.overwrite, ds, args.format)
+        except UserError as e:
+            err = str(e)
+            if not ctx.active:
+                raise
+    err = ctx.broadcast_object(err)
+    if err:
+        raise UserError(err)
+
+
+def _run(args: argparse.Namespace, ctx: distributed.DistContext, device: Any) -> int:
     timer = Timer()
-    check_dataset_output(args.output, args.input, args.overwrite)
+    _check_output_once(ctx, args)
     _check_reference_args(args)
     with timer("load"):
-        ds = load_dataset(args.input)
-    check_dataset_output(args.output, args.input, args.overwrite, ds, args.format)
+        ds = load_dataset(args.input, mmap=True)  # an npy folder stays on disk; other formats load whole
+    _check_output_once(ctx, args, ds)
     ref = _load_reference(args, ds, timer) if args.reference else None
     cls = DEFENSES.get(args.method)
+    streams = cls.supports_streaming
+    if not streams and ctx.active:
+        raise UserError(f"--method {args.method} runs in one process; drop --nproc (or torchrun)")
+    if not streams and args.memory_budget is not None:
+        can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).supports_streaming)
+        raise UserError(f"--method {args.method} holds the split in memory; --memory-budget applies to {can}")
     params: dict[str, Any] = given_params(args)
     unused = sorted(set(params) - set(cls.PARAMS))
     if unused:  # flags were generated for another method than the one parsed (e.g. --method given twice)
         raise UserError(f"--method {args.method} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
-    preset = announce_preset(args, [DVAE_PRESETS]) if "preset" in cls.COMMON else None
+    preset = None
+    if "preset" in cls.COMMON:  # said once, by rank 0; every rank resolves the same name
+        preset = announce_preset(args, [DVAE_PRESETS]) if ctx.main else choose(args.preset, args.device)[0]
     rdir = report_dir(args.output)
-    purifier = make_purifier(args.method, device=args.device, seed=args.seed, progress=not args.quiet,
+    if streams:
+        params.update(memory_budget=args.memory_budget, dist=ctx)
+    purifier = make_purifier(args.method, device=device, seed=args.seed, progress=not args.quiet and ctx.main,
                              preset=preset, checkpoint_dir=str(rdir / "checkpoints") if cls.supports_checkpoint
                              else None, resume=args.resume, **params)
     if args.reference_test:
         _check_reference_test(args, purifier)
+    if streams and ctx.main:
+        print(f"unpoison purify: {purifier.plan(ds.x_train)['line']}"
+              + (f"; {ctx.world} processes ({ctx.backend})" if ctx.active else ""), flush=True)
     with timer("purify"):
         x_out = purifier.fit_purify(ds.x_train, ds.y_train)
+    if not ctx.main:
+        return 0  # rank 0 writes the output and the report
     out_ds = ds.replace(x_train=x_out)
     with timer("write"):
         save_dataset(out_ds, args.output, args.format, overwrite=args.overwrite)
-    stats = {"psnr_input_output": psnr(ds.x_train, x_out), **purifier.info_}
+    stats = {"psnr_input_output": psnr_arrays(ds.x_train, x_out), **purifier.info_}
     for k, arr in purifier.extras_.items():
-        save_npy_atomic(rdir / f"{k}.npy", arr)
-    rows = {"input": ds.x_train, **purifier.stages_, "output": x_out,
-            "residual (amplified)": residual_image(ds.x_train, x_out)}
+        own = getattr(purifier, "extra_files_", {}).get(k)  # a streamed array: its file is moved, not copied
+        if own is not None and Path(own).is_file():
+            move_file_atomic(own, rdir / f"{k}.npy")
+        else:
+            save_npy_atomic(rdir / f"{k}.npy", arr)
+    g = _GRID
+    rows = {"input": ds.x_train[:g], **{k: v[:g] for k, v in purifier.stages_.items()}, "output": x_out[:g],
+            "residual (amplified)": residual_image(ds.x_train[:g], x_out[:g])}
     save_image_grid(rows, rdir / "grid.png", title=f"{args.method}: PSNR {stats['psnr_input_output']:.2f} dB")
     measured = _measure(args, ds, ref, purifier, x_out, rdir, preset, timer) if ref is not None else _unmeasured(rdir)
     cfg = {"method": args.method, "params": purifier.get_params(), "input": args.input, "output": args.output,
-           "format": args.format or ds.format, "reference": args.reference, "reference_test": args.reference_test}
+           "format": args.format or ds.format, "memory_budget": args.memory_budget, "processes": ctx.world,
+           "reference": args.reference, "reference_test": args.reference_test}
     write_json(rdir / "manifest.json", manifest("purify", cfg, args.seed, timer.times, stats=stats,
                                                  n_train=int(len(ds.x_train)), reference=measured))
     _write_report_md(rdir, args, stats, measured, timer.times)
+    if streams and hasattr(purifier, "close"):
+        purifier.close()
     print(f"purified {len(x_out)} images with {args.method}: PSNR(input, output) = "
           f"{stats['psnr_input_output']:.2f} dB; wrote {args.output} and {rdir}/")
     return 0
+
+
+#: images per row of the report's grid
+_GRID = 8
 
 
 # --- --reference: measure against the clean images (kept apart from the purify flow above) ---------------------

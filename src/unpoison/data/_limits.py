@@ -32,14 +32,23 @@ def human(n: int | float) -> str:
     return f"{n:.1f} PiB"  # pragma: no cover
 
 
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB``, ``300k`` or a plain number (binary units); else a UserError."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise UserError(f"bad {what} {text}; expected bytes >= 0")
+        return text
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", str(text).strip().lower())
+    if not m:
+        raise UserError(f"bad {what} {str(text)!r}; expected bytes such as 512M or 8G")
+    return int(float(m[1]) * _UNITS[m[2]])
+
+
 def memory_budget() -> int:
     """Bytes one dataset may take in memory: ``$UNPOISON_MAX_MEMORY`` (``512M``, ``8G``) or physical RAM."""
     env = os.environ.get("UNPOISON_MAX_MEMORY", "").strip().lower()
     if env:
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", env)
-        if not m:
-            raise UserError(f"bad UNPOISON_MAX_MEMORY {env!r}; expected bytes such as 512M or 8G")
-        return int(float(m[1]) * _UNITS[m[2]])
+        return parse_size(env, "UNPOISON_MAX_MEMORY")
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX

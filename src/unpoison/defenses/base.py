@@ -40,6 +40,8 @@ class Purifier:
     needs_labels: bool = False
     learns: bool = False
     supports_checkpoint: bool = False
+    #: accepts ``memory_budget`` and ``dist``: streams splits larger than memory, runs on several processes
+    supports_streaming: bool = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -113,10 +115,11 @@ def _check_known(family: str, name: str, params: dict[str, Any], known: dict[str
 
 def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int = 0, progress: bool = True,
                   preset: str | None = None, checkpoint_dir: str | None = None, resume: bool = False,
-                  **params: Any) -> Purifier:
+                  memory_budget: str | int | None = None, dist: Any = None, **params: Any) -> Purifier:
     """The one way to build a purifier: method ``params`` (checked against its ``PARAMS``) plus the common
     settings it takes (its ``COMMON``: device, seed, progress, preset) and, when it checkpoints, a checkpoint
-    folder. ``resume`` for a purifier that does not checkpoint is a :class:`UserError`."""
+    folder. ``resume`` for a purifier that does not checkpoint is a :class:`UserError`; so are a
+    ``memory_budget`` and a several-process ``dist`` (:mod:`unpoison.distributed`) for one that does not stream."""
     cls = DEFENSES.get(name)
     preset = params.pop("preset", None) or preset
     _check_known("defense", name, params, cls.PARAMS)
@@ -129,6 +132,13 @@ def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int =
         kw.update(checkpoint_dir=str(checkpoint_dir), resume=bool(resume))
     elif resume:
         raise UserError(f"defense {name!r} has nothing to resume (it does not checkpoint)")
+    if cls.supports_streaming:
+        kw.update(memory_budget=memory_budget, **({"dist": dist} if dist is not None else {}))
+    elif memory_budget is not None:
+        can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).supports_streaming)
+        raise UserError(f"defense {name!r} holds the split in memory; a memory budget applies to {can}")
+    elif dist is not None and getattr(dist, "active", False):
+        raise UserError(f"defense {name!r} runs in one process; drop --nproc (or torchrun)")
     try:
         return cls(**kw)
     except TypeError as e:

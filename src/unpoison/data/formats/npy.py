@@ -3,7 +3,8 @@
 ``x_train.npy`` (uint8 N x H x W x C), ``y_train.npy``, optional ``x_test.npy``/``y_test.npy``, and
 ``classes.json`` (a list of names). ``read(path, mmap=True)`` maps the images read-only
 (``np.load(mmap_mode="r", allow_pickle=False)``) so they are paged in as used, never loaded whole;
-the writer copies in chunks, so a memory-mapped dataset is also written without loading it.
+the writer copies in chunks with ``pwrite`` (:mod:`unpoison.data.rows`), so a memory-mapped dataset is
+written without loading or mapping it, and a full disk is an error (one line), never a ``SIGBUS``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from ...errors import UserError
 from .._format import FORMATS, DatasetFormat
 from .._limits import check_npy_file
 from ..dataset import ImageDataset
+from ..rows import save_rows
 
-_CHUNK = 4096
 _MAX_JSON = 16 << 20
 
 
@@ -37,14 +38,6 @@ def _labels(path: Path) -> np.ndarray:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"labels must be a 1-D integer array, got {y.dtype} {y.shape}", path)
     return y.astype(np.int64)
-
-
-def _copy_npy(arr: np.ndarray, path: Path) -> None:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=arr.shape)
-    for i in range(0, len(arr), _CHUNK):
-        out[i:i + _CHUNK] = arr[i:i + _CHUNK]
-    out.flush()
-    del out
 
 
 class NPYFormat(DatasetFormat):
@@ -81,10 +74,10 @@ class NPYFormat(DatasetFormat):
 
     def write(self, ds: ImageDataset, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        _copy_npy(ds.x_train, path / "x_train.npy")
+        save_rows(ds.x_train, path / "x_train.npy")
         np.save(path / "y_train.npy", ds.y_train.astype(np.int64))
         if ds.has_test:
-            _copy_npy(ds.x_test, path / "x_test.npy")  # type: ignore[arg-type]
+            save_rows(ds.x_test, path / "x_test.npy")  # type: ignore[arg-type]
             np.save(path / "y_test.npy", ds.y_test.astype(np.int64))  # type: ignore[union-attr]
         (path / "classes.json").write_text(json.dumps(ds.classes) + "\n")
 
