@@ -330,29 +330,7 @@ def parameter_cases() -> list[Case]:
 
 
 # --- process-level cases -------------------------------------------------------------------------------------------
-_KILL = r"""
-import os, signal, sys
-import numpy as np
-import unpoison.outputs as o
-where = sys.argv[1]
-die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-if where == "between-renames":
-    o._exchange = lambda a, b: False
-    real = os.rename
-    def rename(a, b):
-        real(a, b)
-        if str(b).endswith(".old"):
-            die()
-    os.rename = rename
-elif where == "after-exchange":
-    real_x = o._exchange
-    o._exchange = lambda a, b: (real_x(a, b), die())
-elif where == "while-writing":
-    def savez(f, **arrays):
-        f.write(b"PK\x03\x04 half")
-        f.flush()
-        die()
-    np.savez = savez
+_KILL = H.KILL_AT + """
 from unpoison.cli import main
 sys.exit(main(sys.argv[2:]))
 """

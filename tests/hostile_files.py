@@ -20,6 +20,36 @@ import numpy as np
 
 from unpoison.data import make_synthetic, save_dataset
 
+#: Python source that arms a SIGKILL at one instant of an output write (``sys.argv[1]``): ``between-renames``
+#: (the fallback swap without renameat2: the final path moved aside, the new one not yet in place),
+#: ``after-exchange`` (swapped atomically, the old copy not yet removed), ``while-writing`` (half an NPZ
+#: written). A child process runs it, then its own action; shared by ``tests/test_outputs.py`` and
+#: ``tests/hostile_corpus.py``.
+KILL_AT = r"""
+import os, signal, sys
+import numpy as np
+import unpoison.outputs as o
+where = sys.argv[1]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if where == "between-renames":
+    o._exchange = lambda a, b: False
+    real = os.rename
+    def rename(a, b):
+        real(a, b)
+        if str(b).endswith(".old"):
+            die()
+    os.rename = rename
+elif where == "after-exchange":
+    real_x = o._exchange
+    o._exchange = lambda a, b: (real_x(a, b), die())
+elif where == "while-writing":
+    def savez(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        f.flush()
+        die()
+    np.savez = savez
+"""
+
 
 def _npy_header(shape: tuple[int, ...], dtype: str = "|u1") -> bytes:
     """Magic string and header of a .npy claiming ``shape`` (no data)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_files import KILL_AT
 
 from unpoison import outputs
 from unpoison.data import load_dataset, make_synthetic, save_dataset
@@ -188,31 +189,9 @@ def test_check_output_api(tmp_path) -> None:
 
 
 # --- crashes: a real process killed at a chosen instant --------------------------------------------------
-_CHILD = r"""
-import os, signal, sys
-import numpy as np
-import unpoison.outputs as o
+_CHILD = KILL_AT + """
 from unpoison.data import make_synthetic, save_dataset
-
-where, out = sys.argv[1], sys.argv[2]
-die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-if where == "between-renames":      # the fallback swap (no renameat2): final moved aside, new not in place
-    o._exchange = lambda a, b: False
-    real = os.rename
-    def rename(a, b):
-        real(a, b)
-        if str(b).endswith(".old"):
-            die()
-    os.rename = rename
-elif where == "after-exchange":     # swapped atomically, old copy not yet removed
-    real_x = o._exchange
-    o._exchange = lambda a, b: (real_x(a, b), die())
-elif where == "while-writing":      # half the new file written
-    def savez(f, **arrays):
-        f.write(b"PK\x03\x04 half a zip")
-        f.flush()
-        die()
-    np.savez = savez
+out = sys.argv[2]
 fmt = "npz" if out.endswith(".npz") else "npy"
 save_dataset(make_synthetic(n=16, size=8, channels=1, classes=2, seed=1), out, fmt, overwrite=True)
 """

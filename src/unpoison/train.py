@@ -138,23 +138,14 @@ def train_classifier(
     """
     dev = pick_device(device)
     with rng_scope(seed, dev):
-        return _train_classifier(train, test, config, seed, dev, train_defense, progress, desc, accel,
-                                 memory_budget)
+        return _train_classifier(train, test, config or TrainConfig(), seed, dev, train_defense, progress, desc,
+                                 accel, memory_budget)
 
 
-def _train_classifier(
-    train: ImageDataset,
-    test: ImageDataset | None = None,
-    config: TrainConfig | None = None,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    train_defense: TrainDefense | None = None,
-    progress: bool = True,
-    desc: str = "train",
-    accel: Accel | None = None,
-    memory_budget: str | int | None = None,
-) -> TrainResult:
-    cfg = config or TrainConfig()
+def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: TrainConfig, seed: int,
+                      dev: torch.device, train_defense: TrainDefense | None, progress: bool, desc: str,
+                      accel: Accel | None, memory_budget: str | int | None) -> TrainResult:
+    """:func:`train_classifier`'s body, inside its RNG scope, with the config and device resolved there."""
     test = test or train
     if not test.has_test:
         raise UserError("no test split to score on; pass --test", test.source)
@@ -162,7 +153,6 @@ def _train_classifier(
         raise UserError(f"test split {test.image_shape}/{test.num_classes} classes does not match training "
                         f"data {train.image_shape}/{train.num_classes} classes", test.source)
     cfg.check()
-    dev = pick_device(device)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     h, w, c = train.image_shape

@@ -25,6 +25,7 @@ import mmap
 import os
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 
@@ -70,7 +71,24 @@ def _preadv_full(fd: int, views: list[memoryview], offset: int) -> None:
         offset += n
 
 
-class RowReader:
+class _FdHandle:
+    """An owned file descriptor closed by :meth:`close`, ``with`` or (best effort) garbage collection."""
+
+    fd: int | None = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class RowReader(_FdHandle):
     """Rows of ``x`` (first axis) read on demand: from its file when ``x`` is a memmap, else from memory.
 
     Thread-safe (``pread`` has no shared file position); close it, or use it as a context manager.
@@ -145,17 +163,6 @@ class RowReader:
                 _preadv_full(self.fd, views, self.offset + int(s[c]) * self.row_bytes)
         return buf
 
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> RowReader:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
     def __del__(self) -> None:  # pragma: no cover - best effort when a caller forgot close()
         with contextlib.suppress(OSError):
             self.close()
@@ -189,7 +196,7 @@ def _reserve(fd: int, offset: int, length: int) -> None:
         os.ftruncate(fd, offset + length)
 
 
-class NpyWriter:
+class NpyWriter(_FdHandle):
     """A ``.npy`` file of fixed ``shape`` and ``dtype`` whose rows are written with ``pwrite``.
 
     :meth:`create` writes the header and reserves the data (``ENOSPC``/``EFBIG`` raise here);
@@ -253,17 +260,6 @@ class NpyWriter:
     def flush(self) -> None:
         if self.fd is not None:
             os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> NpyWriter:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 def save_rows(x: np.ndarray, path: str | Path, chunk_bytes: int = COPY_CHUNK) -> None:
