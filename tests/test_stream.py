@@ -204,7 +204,9 @@ def test_memory_budget_streams_a_split_that_would_not_fit_and_memory_stays_bound
         kind, nbytes, grown, ok = line.split()
         assert ok == "True" and int(nbytes) == n * 128 * 128 * 3
         grew[kind] = int(grown)
-    assert grew["StreamedSource"] < 48 << 20, f"peak RSS grew by {grew['StreamedSource'] >> 20} MiB streaming 96 MiB"
+    # 80 MiB: well below the 96 MiB split that a whole load adds. Measured growth: below 48 MiB on a quiet
+    # machine, 57 MiB once with the suite sharing 2 cores with four other jobs (more batches alive at once).
+    assert grew["StreamedSource"] < 80 << 20, f"peak RSS grew by {grew['StreamedSource'] >> 20} MiB streaming 96 MiB"
     assert grew["ResidentSource"] > 96 << 20  # loaded whole, the split is in the peak
 
 
