@@ -32,6 +32,11 @@ from unpoison.stream import (
 from unpoison.train import TrainConfig, train_classifier
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+# One thread: "bit-identical" holds for one CPU thread; with several, oneDNN's reductions differ between the
+# streamed and resident batch layouts in the last bits (measured: equal at one thread, p_hat off by one float16
+# step on 2 % of values at two).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {"preset": "cpu", "width": 8, "latent": 8, "epochs": 2, "batch_size": 20, "device": "cpu",
         "progress": False, "seed": 1}
 
