@@ -810,9 +810,7 @@ class DVAEPurifier(_AutoencoderPurifier):
         h, w, c = x.shape[1:]
         if stage1_only and cfg.skip_stage1:
             raise UserError("fit_stage1 with skip_stage1=True: there is no stage 1 to fit")
-        if not cfg.skip_stage1:
-            check_geometry(h, w, cfg.downsample1)
-        check_geometry(h, w, cfg.downsample2)
+        self.check_input((h, w, c))
         fp, cfg_json = self._fingerprint(x, y)
         ckpt = self._checkpointer(fp, cfg_json)
         self.models_ = {}
@@ -943,7 +941,7 @@ class _ReconstructionPurifier(_AutoencoderPurifier):
     def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
         self._start_fit()
         h, w, c = x.shape[1:]
-        check_geometry(h, w, self.config.downsample)
+        self.check_input((h, w, c))
         fp, cfg_json = self._fingerprint(x, None)
         ckpt = self._checkpointer(fp, cfg_json)
         x0 = self._source(x, self._plan(x, "fit"))
