@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .utils import psnr_from_mse
+
 __all__ = [
     "true_perturbation",
     "per_image_corr",
@@ -120,8 +122,7 @@ def class_mean_corr(p: np.ndarray, p_hat: np.ndarray, y: np.ndarray) -> dict[int
 def psnr_to(x_ref: np.ndarray, x: np.ndarray) -> float:
     """PSNR (dB) of uint8 (0..255) images ``x`` to ``x_ref``, over the whole batch (inf if identical)."""
     d = (np.asarray(x, dtype=np.float64) - np.asarray(x_ref, dtype=np.float64)) / 255.0
-    mse = float((d * d).mean())
-    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
+    return psnr_from_mse(float((d * d).mean()))
 
 
 def summary(v: np.ndarray) -> dict[str, float]:

@@ -97,6 +97,11 @@ def register_presets(table: PresetTable) -> PresetTable:
     return table
 
 
+def show_value(v: Any) -> str:
+    """A default or preset value as ``--help`` shows it (floats to 4 significant digits)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def resolve_auto(device: Any = "auto") -> str:
     """``auto`` -> ``paper`` when ``device`` is (or ``auto`` finds) a CUDA device, else ``cpu``."""
     from .tensors import pick_device
@@ -108,11 +113,8 @@ def choose(name: str | None, device: Any = "auto") -> tuple[str, str | None]:
     """A command's preset, chosen once: ``(concrete name, the line to print or None)``."""
     if name not in (None, AUTO):
         return str(name), None
-    from .tensors import pick_device
-
-    cuda = pick_device(device).type == "cuda"
-    chosen = "paper" if cuda else "cpu"
-    why = "a CUDA device is present" if cuda else "no CUDA device"
+    chosen = resolve_auto(device)
+    why = "a CUDA device is present" if chosen == "paper" else "no CUDA device"
     return chosen, f"preset {chosen} (auto: {why}; choose with --preset)"
 
 

@@ -35,6 +35,7 @@ import torch
 
 from .data._limits import human, parse_size
 from .data.rows import NpyWriter, RowReader
+from .utils import psnr_from_mse
 
 #: share of the free memory the default budget allows (the rest is the model's, the OS's, other jobs')
 BUDGET_FRACTION = 0.5
@@ -396,5 +397,4 @@ def psnr_arrays(a: np.ndarray, b: np.ndarray, chunk_bytes: int = 64 << 20) -> fl
             d = (ra.read(i, i + step).astype(np.float64) - rb.read(i, i + step).astype(np.float64)) / 255.0
             sse += float(np.square(d).sum())
             count += d.size
-    mse = sse / max(count, 1)
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+    return psnr_from_mse(sse / max(count, 1))

@@ -122,13 +122,17 @@ def manifest(command: str, config: dict[str, Any], seed: int, timings: dict[str,
     }
 
 
+def psnr_from_mse(mse: float) -> float:
+    """PSNR (dB) of a mean squared error on the [0, 1] scale; inf for identical images."""
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+
+
 def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """PSNR in dB between two uint8 (0..255) or float (0..1) image batches, over the whole batch."""
     a_t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a)
     b_t = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b)
     scale = 255.0 if a_t.dtype == torch.uint8 else 1.0
-    mse = ((a_t.double() - b_t.double()) / scale).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+    return psnr_from_mse(((a_t.double() - b_t.double()) / scale).pow(2).mean().item())
 
 
 def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc
 from ..errors import NonFiniteError, UserError, check_seed
-from ..presets import PRESET_TABLES, PresetTable, register_presets
+from ..presets import PRESET_TABLES, PresetTable, register_presets, show_value
 from ..tensors import pick_device, rng_scope
 
 NORMS = ("linf", "l2", "l0")
@@ -309,9 +309,7 @@ class Attack:
     @classmethod
     def param_defaults(cls) -> dict[str, str]:
         """Each parameter's default as ``--help`` shows it: per preset where the presets differ."""
-        def show(v: Any) -> str:
-            return f"{v:.4g}" if isinstance(v, float) else str(v)
-
+        show = show_value
         out = {}
         for k, (_, default, _) in cls.PARAMS.items():
             vals = {p: over.get(k, default) for p, over in cls.PRESETS.items()}

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..presets import PresetTable, choose, common_choices
 
 
@@ -103,9 +105,28 @@ def add_method_flags(p: argparse.ArgumentParser, params: dict[str, tuple[type, A
         g.add_argument("--" + key.replace("_", "-"), dest=f"param_{key}", **kw)
 
 
-def given_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The method parameters the user set on the command line (``param_*`` not None)."""
-    return {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+def given_params(args: argparse.Namespace, known: Mapping[str, Any] | None = None, owner: str = "") -> dict[str, Any]:
+    """The method parameters the user set on the command line (``param_*`` not None); with ``known``, a
+    parameter ``owner`` (``--attack em``) does not take is refused (flags generated for another method, e.g.
+    the method flag given twice)."""
+    given = {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    unused = sorted(set(given) - set(known)) if known is not None else []
+    if unused:
+        raise UserError(f"{owner} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
+    return given
+
+
+def check_file_output(output: str | Path, specs: list[str | None], overwrite: bool,
+                      sources: list[Any] | tuple[Any, ...] = ()) -> None:
+    """Refuse a file OUT (a CSV, a JSON record, a checkpoint) before any work: :mod:`unpoison.outputs`.
+
+    Called once before loading (``specs``: the input specs) and once after (``sources``: the loaded
+    datasets' resolved locations)."""
+    from ..data import spec_path
+    from ..outputs import check_output
+
+    inputs = [spec_path(s) if s else None for s in specs] + list(sources)
+    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=False, dataset=False)
 
 
 def report_dir(output: str | Path) -> Path:
@@ -122,7 +143,6 @@ def check_dataset_output(output: str | Path, input_spec: str, overwrite: bool, d
     kind, file or folder, and the input's resolved location).
     """
     from ..data import output_format, spec_path
-    from ..errors import UserError
     from ..outputs import check_output, guard_inputs
 
     inputs = [spec_path(input_spec)] + ([ds.source] if ds is not None else [])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_quiet, announce_preset, preset_help
+from ._common import add_preset, add_quiet, announce_preset
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
@@ -25,8 +25,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
     p.add_argument("config", help=f"shipped config ({', '.join(shipped_configs())}) or a YAML path")
     p.add_argument("outdir", nargs="?", default=None,
                    help="results folder (results.sqlite, caches, per-cell manifests); not needed with --check")
-    p.add_argument("--preset", choices=BENCH_PRESETS.choices(), default="auto",
-                   help=preset_help([BENCH_PRESETS]))
+    add_preset(p, [BENCH_PRESETS])
     p.add_argument("--check", action="store_true", help="only check every cell (nothing is run or written)")
     p.add_argument("--dataset", action="append", default=None, metavar="SPEC",
                    help="run on this dataset instead of the config's (repeatable; any dataset spec)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
+from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset, check_file_output
 
 
 def _tables() -> list:
@@ -59,10 +59,10 @@ def _params(items: list[str]) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset, spec_path
+    from ..data import load_dataset
     from ..detect import detect_poison, write_scores_csv
     from ..errors import UserError
-    from ..outputs import check_output, policy_for
+    from ..outputs import policy_for
     from ..train import TrainConfig
     from ..utils import Timer, manifest, write_json
 
@@ -70,11 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("output must be a .csv file", args.output)
     params = _params(args.param)
     timer = Timer()
-    check_output(args.output, inputs=[spec_path(args.data)], overwrite=args.overwrite, is_dir=False, dataset=False)
+    check_file_output(args.output, [args.data], args.overwrite)
     with timer("load"):
         ds = load_dataset(args.data)
-    check_output(args.output, inputs=[spec_path(args.data), ds.source], overwrite=args.overwrite, is_dir=False,
-                 dataset=False)
+    check_file_output(args.output, [args.data], args.overwrite, [ds.source])
     preset = announce_preset(args, _tables())
     cfg = TrainConfig.preset(preset, model=args.model, epochs=args.epochs)
     if args.no_flip:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import load_dataset, spec_path
-from ..outputs import check_output
+from ..data import load_dataset
 from ..utils import Timer, manifest, write_json
-from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
+from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset, check_file_output
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
@@ -42,11 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     preset = announce_preset(args, [DIFFUSION_PRESETS])
     timer = Timer()
-    check_output(args.output, inputs=[spec_path(args.data)], overwrite=args.overwrite, is_dir=False, dataset=False)
+    check_file_output(args.output, [args.data], args.overwrite)
     with timer("load"):
         ds = load_dataset(args.data)
-    check_output(args.output, inputs=[spec_path(args.data), ds.source], overwrite=args.overwrite, is_dir=False,
-                 dataset=False)
+    check_file_output(args.output, [args.data], args.overwrite, [ds.source])
     with timer("train"):
         model, cfg, rec = train_diffusion(ds, preset, args.epochs, args.batch_size, args.lr, args.seed,
                                           args.device, progress=not args.quiet, flip=not args.no_flip)

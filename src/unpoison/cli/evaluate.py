@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import load_dataset, spec_path
+from ..data import load_dataset
 from ..defenses import TRAIN_DEFENSES
 from ..errors import UserError
 from ..models import list_models
-from ..outputs import check_output, policy_for
+from ..outputs import policy_for
 from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, write_json
 from ._common import (
@@ -24,6 +24,7 @@ from ._common import (
     add_preset,
     add_quiet,
     announce_preset,
+    check_file_output,
     given_params,
     peek,
 )
@@ -59,15 +60,14 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
 
     timer = Timer()
-    inputs = [spec_path(args.train), spec_path(args.test) if args.test else None]
+    specs = [args.train, args.test]
     if args.out:
-        check_output(args.out, inputs=inputs, overwrite=args.overwrite, is_dir=False, dataset=False)
+        check_file_output(args.out, specs, args.overwrite)
     with timer("load"):
         train = load_dataset(args.train, mmap=True)  # an npy folder larger than the budget streams from disk
         test = load_dataset(args.test, mmap=True) if args.test else None
     if args.out:
-        check_output(args.out, inputs=[*inputs, train.source, test.source if test else None],
-                     overwrite=args.overwrite, is_dir=False, dataset=False)
+        check_file_output(args.out, specs, args.overwrite, [train.source, test.source if test else None])
     cfg = TrainConfig.preset(announce_preset(args, [SCORING_PRESETS]), model=args.model, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr)
     if args.no_flip:

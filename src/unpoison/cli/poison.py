@@ -147,11 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.attack is None and args.from_perturbation is None:
         raise UserError("give --attack NAME or --from-perturbation FILE")
     cls = ATTACKS.get(args.attack) if args.attack else None
-    given = given_params(args)
-    if cls is not None:
-        unused = sorted(set(given) - set(cls.PARAMS))
-        if unused:
-            raise UserError(f"--attack {args.attack} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
+    given = given_params(args, None if cls is None else cls.PARAMS, f"--attack {args.attack}")
     norm = args.norm or (cls.norm if cls else "linf")
     eps_nominal = parse_fraction(args.eps, "--eps") if args.eps is not None else None
     check_dataset_output(args.output, args.input, args.overwrite)

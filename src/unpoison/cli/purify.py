@@ -135,10 +135,7 @@ def _run(args: argparse.Namespace, ctx: distributed.DistContext, device: Any) ->
     if not streams and args.memory_budget is not None:
         can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).supports_streaming)
         raise UserError(f"--method {args.method} holds the split in memory; --memory-budget applies to {can}")
-    params: dict[str, Any] = given_params(args)
-    unused = sorted(set(params) - set(cls.PARAMS))
-    if unused:  # flags were generated for another method than the one parsed (e.g. --method given twice)
-        raise UserError(f"--method {args.method} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
+    params: dict[str, Any] = given_params(args, cls.PARAMS, f"--method {args.method}")
     preset = None
     if "preset" in cls.COMMON:  # said once, by rank 0; every rank resolves the same name
         preset = announce_preset(args, [DVAE_PRESETS]) if ctx.main else choose(args.preset, args.device)[0]

@@ -29,7 +29,7 @@ from typing import Self
 
 import numpy as np
 
-from ._limits import npy_header
+from ._limits import npy_header, npy_nbytes
 
 #: rows per ``preadv`` call stay under the usual IOV_MAX (1024)
 _IOV = 1024
@@ -221,10 +221,7 @@ class NpyWriter(_FdHandle):
             with os.fdopen(os.dup(fd), "wb", closefd=True) as f:
                 _write_header(f, shape, dt)
                 offset = f.tell()
-            n = 1
-            for s in shape:
-                n *= int(s)
-            _reserve(fd, offset, n * dt.itemsize)
+            _reserve(fd, offset, npy_nbytes(shape, dt))
         except BaseException:
             os.close(fd)
             raise

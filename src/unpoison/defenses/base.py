@@ -19,6 +19,7 @@ import torch
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc  # noqa: F401  (re-exported)
 from ..errors import UserError
+from ..presets import show_value
 from ..tensors import TrainDefense
 
 
@@ -62,7 +63,7 @@ class Purifier:
     @classmethod
     def param_defaults(cls) -> dict[str, str]:
         """Each parameter's default as ``--help`` shows it (subclasses with presets show them per preset)."""
-        return {k: _show(v[1]) for k, v in cls.PARAMS.items()}
+        return {k: show_value(v[1]) for k, v in cls.PARAMS.items()}
 
     def fit(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> Purifier:
         xx = as_uint8_nhwc(x)
@@ -100,10 +101,6 @@ class Purifier:
 DEFENSES: Registry[type[Purifier]] = Registry("defense")
 #: training-time defenses: name -> factory(**params) returning a TrainDefense callable
 TRAIN_DEFENSES: Registry[Callable[..., TrainDefense]] = Registry("training-time defense")
-
-
-def _show(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _check_known(family: str, name: str, params: dict[str, Any], known: dict[str, Any]) -> None:

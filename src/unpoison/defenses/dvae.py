@@ -61,7 +61,7 @@ from ..models.dvae import (
     dvae_loss,
     vae_loss,
 )
-from ..presets import PresetTable, register_presets
+from ..presets import PresetTable, register_presets, show_value
 from ..stream import (
     BatchSource,
     NpySink,
@@ -76,8 +76,8 @@ from ..stream import (
     shard_ranges,
 )
 from ..tensors import pick_device, rng_scope, to_device_images
-from ..utils import atomic_path, write_json
-from .base import DEFENSES, Purifier, _show
+from ..utils import atomic_path, psnr_from_mse, write_json
+from .base import DEFENSES, Purifier
 
 EpochCallback = Callable[[dict[str, Any]], None]
 #: images of each intermediate stage kept in ``stages_`` when streaming (the report's grid shows 8)
@@ -547,7 +547,7 @@ class _AutoencoderPurifier(Purifier):
         out = super().param_defaults()
         for k, (_, default, _) in cls.PARAMS.items():
             if default is None and k in DVAEConfig.__dataclass_fields__:
-                vals = {p: _show(getattr(DVAEConfig.preset(p), k)) for p in DVAE_PRESETS.names()}
+                vals = {p: show_value(getattr(DVAEConfig.preset(p), k)) for p in DVAE_PRESETS.names()}
                 same = len(set(vals.values())) == 1
                 out[k] = next(iter(vals.values())) if same else ", ".join(f"{p} {v}" for p, v in vals.items())
         return out
@@ -714,8 +714,7 @@ class _AutoencoderPurifier(Purifier):
             sse += torch.stack([d.pow(2).sum(), torch.tensor(float(d.numel()), dtype=torch.float64,
                                                               device=self.device_)])
         total, count = self.dist.all_reduce_sum_(sse).tolist()
-        mse = total / max(count, 1.0)
-        return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+        return psnr_from_mse(total / max(count, 1.0))
 
     def _fit_stage(self, stage: str, make: Callable[[], nn.Module], loss_fn: Callable[..., Any],
                    x_u8: torch.Tensor | BatchSource, y: torch.Tensor | None, kld_limit: float, ckpt: Checkpointer,
