@@ -54,10 +54,10 @@ import torch
 
 from unpoison.accel import Accel
 from unpoison.attacks import make_attack
+from unpoison.checkpoints import CheckpointStore
 from unpoison.data import ImageDataset
 from unpoison.defenses.avatar import AvatarPurifier, save_checkpoint, train_diffusion
 from unpoison.defenses.dvae import (
-    Checkpointer,
     DVAEConfig,
     DVAEPurifier,
     _infer,
@@ -179,7 +179,7 @@ def _dvae_train_rate(c: Ctx, cfg: DVAEConfig, accel: Accel, x_u8: torch.Tensor, 
     torch.manual_seed(0)
     model = DVAE(ch, (h, w), c.sizes.classes, cfg.width, cfg.latent, cfg.downsample1).to(c.dev)
     one = DVAEConfig(**{**asdict(cfg), "epochs": 1})
-    ck = Checkpointer(None, "gpu-check", {}, False)
+    ck = CheckpointStore(None, "gpu-check", {}, False)
     warm = min(len(x_u8), 2 * cfg.batch_size)
     t0 = time.perf_counter()
     train_autoencoder(model, dvae_loss, x_u8[:warm], y[:warm], one, cfg.kld_limit1, "warm-up", 0, ck, False,

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unpoison.checkpoints import CheckpointStore
 from unpoison.defenses.dvae import (
-    Checkpointer,
     DVAEConfig,
     DVAEPurifier,
     _infer,
@@ -59,7 +59,7 @@ def product_train(cfg: DVAEConfig, x: np.ndarray, y: np.ndarray, dev: torch.devi
     h, w, c = x.shape[1:]
     x_u8 = to_device_images(x, dev)
     yt = torch.as_tensor(y, device=dev)
-    ck = Checkpointer(None, "bench", {}, False)
+    ck = CheckpointStore(None, "bench", {}, False)
     model = DVAE(c, (h, w), 10, cfg.width, cfg.latent, cfg.downsample1).to(dev)
     accel = dvae_accel(cfg, dev)
     one = DVAEConfig(**{**cfg.__dict__, "epochs": 1})

@@ -180,7 +180,8 @@ def run(rank, world, port, n, epochs, seed, out):
     from unpoison import distributed
     from unpoison.data import load_dataset
     import functools
-    from unpoison.defenses.dvae import Checkpointer, DVAEConfig, train_autoencoder
+    from unpoison.checkpoints import CheckpointStore
+    from unpoison.defenses.dvae import DVAEConfig, train_autoencoder
     from unpoison.models.dvae import DVAE, dvae_loss
     from unpoison.stream import make_source
     torch.set_num_threads(1)
@@ -199,7 +200,7 @@ def run(rank, world, port, n, epochs, seed, out):
     cfg.kld_weight = cfg.kld_weight1 or cfg.kld_weight
     t = time.time()
     h = train_autoencoder(m, loss, make_source(ds.x_train, dev, stream=False), torch.as_tensor(ds.y_train), cfg,
-                          cfg.kld_limit1, "stage1", seed, Checkpointer(None, "x", {}, False), False, dist=ctx)
+                          cfg.kld_limit1, "stage1", seed, CheckpointStore(None, "x", {}, False), False, dist=ctx)
     if ctx.main:
         json.dump({"history": h, "seconds": time.time() - t}, open(out, "w"))
     distributed.shutdown(ctx)

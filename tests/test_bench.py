@@ -366,7 +366,7 @@ def test_check_lists_every_problem_and_a_run_refuses_to_start(tmp_path: Path, ca
         "train": {"preset": "smoke", "epoch": 4}, "params": {"no_such": 1}}))
     assert main(["bench", str(cfg), "--check"]) == 2
     err = capsys.readouterr().err
-    for needle in ("unknown scoring setting(s) epoch", "kind 'purify' takes no params no_such", "roundz",
+    for needle in ("unknown scoring setting(s) epoch", "kind 'purify' has no parameter(s) no_such", "roundz",
                    "unknown model 'nonet'", "avatar needs --checkpoint", "no.pt, which does not exist",
                    "too small for or not divisible"):
         assert needle in err, needle

@@ -14,8 +14,8 @@ from unpoison import rng
 from unpoison.attacks import make_attack
 from unpoison.attacks._surrogate import SurrogateAttack
 from unpoison.data import make_synthetic
-from unpoison.defenses import dvae as dvae_mod
 from unpoison.defenses.dvae import DVAEPurifier
+from unpoison.defenses.dvae import purifiers as dvae_mod
 from unpoison.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -248,7 +248,8 @@ def _free_port() -> int:
 def _stage_worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank of a tiny D-VAE stage (n=128, global batch 32): its loss curve and a checksum of its weights."""
     from unpoison import distributed
-    from unpoison.defenses.dvae import Checkpointer, DVAEConfig, train_autoencoder
+    from unpoison.checkpoints import CheckpointStore
+    from unpoison.defenses.dvae import DVAEConfig, train_autoencoder
     from unpoison.models.dvae import DVAE, dvae_loss
 
     ctx, dev = distributed.SINGLE, torch.device("cpu")
@@ -262,7 +263,7 @@ def _stage_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(5)
     model = DVAE(3, (16, 16), 4, 8, 8, 2)
     hist = train_autoencoder(model, dvae_loss, make_source(ds.x_train, dev, stream=world > 1),
-                             torch.as_tensor(ds.y_train), cfg, 1.0, "s", 3, Checkpointer(None, "x", {}, False),
+                             torch.as_tensor(ds.y_train), cfg, 1.0, "s", 3, CheckpointStore(None, "x", {}, False),
                              False, None, dist=ctx)
     weights = float(sum(p.detach().double().sum() for p in model.parameters()))
     Path(f"{out}.{rank}").write_text(json.dumps({"loss": [h["loss"] for h in hist], "weights": weights}))

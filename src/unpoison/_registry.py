@@ -1,21 +1,27 @@
 """A tiny name -> factory registry, one instance per family (datasets, models, attacks, defenses).
 
 The CLI, the benchmark and the Python API all read the same registry, so a new entry shows up
-everywhere at once.
+everywhere at once. A family's package finds its members with :func:`discover` (every module in it is
+imported, and each registers itself), so adding a module is the whole of adding a member: there is no
+list of names to keep.
 """
 
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Callable, Iterator
+from importlib import import_module
 from typing import Generic, TypeVar
 
-from .errors import UserError
+from .params import unknown
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps a lower-case name to an object (usually a class or factory) plus a one-line help."""
+    """Maps a lower-case name to an object (usually a class or factory) plus a one-line help.
+
+    :meth:`register` sets a registered class's ``name`` attribute, so the name is written once."""
 
     def __init__(self, family: str) -> None:
         self.family = family
@@ -27,6 +33,8 @@ class Registry(Generic[T]):
             key = name.lower()
             if key in self._items:
                 raise RuntimeError(f"{self.family} {name!r} registered twice")
+            if isinstance(obj, type):
+                obj.name = key  # type: ignore[attr-defined]
             self._items[key] = obj
             doc = help or (getattr(obj, "__doc__", None) or "").strip().splitlines()[:1]
             self._help[key] = doc if isinstance(doc, str) else (doc[0] if doc else "")
@@ -37,8 +45,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         key = name.lower()
         if key not in self._items:
-            known = ", ".join(sorted(self._items))
-            raise UserError(f"unknown {self.family} {name!r}; known: {known}")
+            raise unknown(self.family, name, sorted(self._items))
         return self._items[key]
 
     def names(self) -> list[str]:
@@ -52,3 +59,14 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def discover(package: str) -> list[str]:
+    """Import every module of ``package`` (recursively), so each registers what it defines; returns their
+    names. A module that fails to import fails loudly: a member never goes missing in silence."""
+    pkg = import_module(package)
+    found = []
+    for info in pkgutil.walk_packages(pkg.__path__, prefix=package + "."):
+        import_module(info.name)
+        found.append(info.name)
+    return found

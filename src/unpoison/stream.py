@@ -386,6 +386,10 @@ class NpySink:
         self.writer.close()
 
 
+#: where a stage's rows go: a device tensor or a ``.npy`` file
+Sink = TensorSink | NpySink
+
+
 def psnr_arrays(a: np.ndarray, b: np.ndarray, chunk_bytes: int = 64 << 20) -> float:
     """PSNR (dB) between two uint8 NHWC arrays of any size, read in chunks (memmaps from their files)."""
     if a.shape != b.shape:

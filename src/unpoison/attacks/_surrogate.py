@@ -24,18 +24,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import rng
+from ..checkpoints import load_state, save_state
 from ..data.fingerprint import content_fingerprint
 from ..errors import UserError, check_finite_loss
 from ..models import MODELS, create_model
+from ..params import Param
 from ..tensors import augment_batch, crop_pad, sgd_cosine
-from ..utils import atomic_path
 from .base import Attack, project, to_float_nchw
 
 #: parameters every surrogate attack takes
-SURROGATE_PARAMS: dict[str, tuple[type, Any, str]] = {
-    "surrogate": (str, "resnet18", "surrogate classifier (any registered model)"),
-    "batch_size": (int, 128, "batch size for surrogate training and noise updates"),
-    "lr": (float, 0.1, "surrogate SGD learning rate"),
+SURROGATE_PARAMS: dict[str, Param] = {
+    "surrogate": Param(str, "resnet18", "surrogate classifier (any registered model)"),
+    "batch_size": Param(int, 128, "batch size for surrogate training and noise updates", low=1),
+    "lr": Param(float, 0.1, "surrogate SGD learning rate", low=0, low_open=True),
 }
 
 
@@ -231,22 +232,16 @@ class SurrogateAttack(Attack):
         path = self.ckpt_path()
         if path is None:
             return
-        state = {**state, "fingerprint": self.fingerprint(), "rng": rng.capture(self.generators())}
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        save_state(path, {**state, "fingerprint": self.fingerprint(), "rng": rng.capture(self.generators())})
 
     def load_ckpt(self) -> dict[str, Any] | None:
         """The saved state if ``resume`` and a checkpoint of this very run exists; else ``None``."""
         path = self.ckpt_path()
         if path is None or not self.resume or not path.exists():
             return None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"cannot read checkpoint: {type(e).__name__}: {e}", path) from None
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint():
-            raise UserError("checkpoint belongs to a different run (the images, labels, attack or parameters "
-                            "differ); remove it or run without --resume", path)
+        state = load_state(path, fingerprint=self.fingerprint(),
+                           other_run="checkpoint belongs to a different run (the images, labels, attack or "
+                                     "parameters differ); remove it or run without --resume")
         rng.restore(state["rng"], self.generators(), path)
         return state
 
@@ -310,8 +305,3 @@ class FeatureTap:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
-
-
-def ensure(cond: bool, msg: str) -> None:
-    if not cond:
-        raise UserError(msg)

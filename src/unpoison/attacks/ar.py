@@ -13,11 +13,12 @@ which is the shortcut.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..params import Param
 from .base import Attack, fit_l2_after_clip, project, register_attack
 
 
@@ -95,11 +96,13 @@ class AR(Attack):
     norm = "l2"
     norms = ("l2", "linf")
     default_eps: ClassVar[dict[str, float]] = {"l2": 1.0, "linf": 8 / 255}
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
-        "crop": (int, 4, "rows/columns generated before the image and dropped (start-up margin)"),
-        "max_peak": (float, 5.0, "keep only filters whose noise has peak/rms below this (stable recursions)"),
-        "min_hf": (float, 0.5, "keep only filters whose noise has at least this share of energy above a 3x3 blur"),
-        "fit_after_clip": (bool, True, "scale so the l2 bound holds after clipping to [0, 1] (uses the whole budget)"),
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "crop": Param(int, 4, "rows/columns generated before the image and dropped (start-up margin)", low=0),
+        "max_peak": Param(float, 5.0, "keep only filters whose noise has peak/rms below this (stable recursions)",
+                          low=0),
+        "min_hf": Param(float, 0.5, "keep only filters whose noise has at least this share of energy above a 3x3 blur",
+                        low=0),
+        "fit_after_clip": Param(bool, True, "scale so the l2 bound holds after clipping to [0, 1] (the whole budget)"),
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc
 from ..errors import NonFiniteError, UserError, check_seed
+from ..params import Param, check_params, defaults, unknown
 from ..presets import PRESET_TABLES, PresetTable, register_presets, show_value
 from ..tensors import pick_device, rng_scope
 
@@ -62,7 +63,7 @@ def as_label_array(y: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
 def check_eps(norm: str, eps: float, d: int, hw: int) -> None:
     """A bound must be positive and meaningful for its norm; else a one-line :class:`UserError`."""
     if norm not in NORMS:
-        raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+        raise unknown("norm", norm, NORMS)
     if not math.isfinite(eps) or eps <= 0:
         raise UserError(f"bound must be > 0, got {eps}")
     if norm == "linf" and eps > 1:
@@ -181,33 +182,11 @@ def quantize(x: torch.Tensor | np.ndarray, delta: torch.Tensor | np.ndarray, nor
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-#: parameters that count things and need at least one
-_AT_LEAST_ONE = {"batch_size", "block_size", "eot", "n_checkpoints", "rounds", "train_epochs", "depth"}
-
-
-def _check_param_ranges(name: str, params: dict[str, Any]) -> None:
-    """Numbers at the boundary: finite, not negative, counts >= 1, a learning rate > 0."""
-    for k, v in params.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if not math.isfinite(v):
-            raise UserError(f"attack {name}: {k} must be a finite number, got {v}")
-        if v < 0 or (k in _AT_LEAST_ONE and v < 1) or (k == "lr" and v <= 0):
-            bound = "> 0" if k == "lr" else ">= 1" if k in _AT_LEAST_ONE else ">= 0"
-            raise UserError(f"attack {name}: {k} must be {bound}, got {v}")
-
-
 def _check_finite_output(name: str, out: np.ndarray | torch.Tensor) -> None:
     finite = bool(torch.isfinite(out).all()) if isinstance(out, torch.Tensor) else bool(np.isfinite(out).all())
     if not finite:
         raise NonFiniteError(f"attack {name} produced a non-finite perturbation (NaN/inf); nothing was written "
                              "(a smaller --lr may help)")
-
-
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
 
 
 class Attack:
@@ -225,7 +204,7 @@ class Attack:
     #: default bound per norm (l2 at CIFAR size)
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255}
     #: method parameters: name -> (type, default, help); defaults are the paper's ("paper" preset)
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {}
+    PARAMS: ClassVar[dict[str, Param]] = {}
     #: preset name -> parameter overrides ("paper" is PARAMS' defaults)
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {}}
     uses_surrogate: ClassVar[bool] = False
@@ -239,10 +218,8 @@ class Attack:
         if self.norm_used not in self.norms:
             raise UserError(f"attack {self.name} crafts in {'/'.join(self.norms)}, not {self.norm_used}")
         preset = self.presets().resolve(preset, device)
-        unknown = sorted(set(params) - set(self.PARAMS))
-        if unknown:
-            known = ", ".join(sorted(self.PARAMS)) or "none"
-            raise UserError(f"attack {self.name} takes no parameter(s) {', '.join(unknown)}; known: {known}")
+        owner = f"attack {self.name}"
+        given = check_params(params, self.PARAMS, owner)
         if checkpoint_dir is not None and not self.supports_checkpoint:
             checkpoint_dir = None  # nothing worth resuming (seconds of work)
         self.eps_nominal = float(self.default_eps[self.norm_used] if eps is None else eps)
@@ -259,13 +236,10 @@ class Attack:
         self.scale_eps = scale_eps
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
-        merged = {k: v[1] for k, v in self.PARAMS.items()}
-        merged.update(self.PRESETS[preset])
-        for k, v in params.items():
-            if v is not None:
-                merged[k] = self.PARAMS[k][0](v) if self.PARAMS[k][0] is not bool else _as_bool(v)
+        merged = defaults(self.PARAMS)
+        merged.update({k: self.PARAMS[k].coerce(v, k, owner) for k, v in self.PRESETS[preset].items()})
+        merged.update({k: v for k, v in given.items() if v is not None})
         self.params = merged
-        _check_param_ranges(self.name, merged)
         self.check_params()
         #: set by :meth:`poison` for the run in progress: the enforced bound and the device used
         self.eps_: float = self.eps_nominal
@@ -311,10 +285,10 @@ class Attack:
         """Each parameter's default as ``--help`` shows it: per preset where the presets differ."""
         show = show_value
         out = {}
-        for k, (_, default, _) in cls.PARAMS.items():
-            vals = {p: over.get(k, default) for p, over in cls.PRESETS.items()}
+        for k, prm in cls.PARAMS.items():
+            vals = {p: over.get(k, prm.default) for p, over in cls.PRESETS.items()}
             same = len({repr(v) for v in vals.values()}) == 1
-            out[k] = show(default) if same else ", ".join(f"{p} {show(v)}" for p, v in vals.items())
+            out[k] = show(prm.default) if same else ", ".join(f"{p} {show(v)}" for p, v in vals.items())
         return out
 
     # --- the one entry point ---------------------------------------------------------------------
@@ -382,12 +356,12 @@ def _preset_table(cls: type[Attack]) -> PresetTable:
 
 
 def register_attack(name: str, help: str = "") -> Any:  # noqa: A002
-    """Class decorator: set ``cls.name`` and register it in :data:`ATTACKS`."""
+    """Class decorator: register it in :data:`ATTACKS` (which sets ``cls.name``) with its preset table."""
 
     def deco(cls: type[Attack]) -> type[Attack]:
-        cls.name = name
+        ATTACKS.register(name, help)(cls)
         register_presets(_preset_table(cls))
-        return ATTACKS.register(name, help)(cls)
+        return cls
 
     return deco
 

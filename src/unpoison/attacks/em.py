@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..params import Param
 from ..tensors import augment_batch, crop_pad
 from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
@@ -24,14 +25,14 @@ class EM(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
+    PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
-        "rounds": (int, 100, "most outer rounds (each: train_steps model steps, pgd_steps noise steps)"),
-        "train_steps": (int, 10, "surrogate SGD steps per round"),
-        "pgd_steps": (int, 20, "noise steps per round (every image)"),
-        "step_frac": (float, 0.1, "noise step as a fraction of eps (0.8/255 at 8/255)"),
-        "stop_acc": (float, 99.0, "stop once the surrogate's accuracy on poisoned data exceeds this (%)"),
-        "augment": (bool, False, "random crop + flip in surrogate training and (differentiably) in the noise steps"),
+        "rounds": Param(int, 100, "most outer rounds (each: train_steps model steps, pgd_steps noise steps)", low=1),
+        "train_steps": Param(int, 10, "surrogate SGD steps per round", low=0),
+        "pgd_steps": Param(int, 20, "noise steps per round (every image)", low=0),
+        "step_frac": Param(float, 0.1, "noise step as a fraction of eps (0.8/255 at 8/255)", low=0),
+        "stop_acc": Param(float, 99.0, "stop once the surrogate's accuracy on poisoned data exceeds this (%)", low=0),
+        "augment": Param(bool, False, "random crop + flip in surrogate training and (differentiably) in noise steps"),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},

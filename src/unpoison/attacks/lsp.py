@@ -12,12 +12,13 @@ separable by class, which is the shortcut the classifier learns.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..params import Param
 from .base import Attack, fit_l2_after_clip, project, register_attack
 
 
@@ -31,10 +32,12 @@ class LSP(Attack):
     norm = "l2"
     norms = ("l2", "linf")
     default_eps: ClassVar[dict[str, float]] = {"l2": 1.0, "linf": 8 / 255}
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
-        "patch_size": (int, 0, "patch side in pixels (0: 8 px on 32 px images, image/4 below 64 px, 32 above)"),
-        "cluster_std": (float, 0.1, "std of each image's noise around its class centre (centres have unit std)"),
-        "fit_after_clip": (bool, True, "scale so the l2 bound holds after clipping to [0, 1] (uses the whole budget)"),
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "patch_size": Param(int, 0, "patch side in pixels (0: 8 px on 32 px images, image/4 below 64 px, 32 above)",
+                            low=0),
+        "cluster_std": Param(float, 0.1, "std of each image's noise around its class centre (centres have unit std)",
+                             low=0),
+        "fit_after_clip": Param(bool, True, "scale so the l2 bound holds after clipping to [0, 1] (the whole budget)"),
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..params import Param
 from .base import Attack, project, register_attack, to_float_nchw
 
 
@@ -55,13 +56,13 @@ class NTGA(Attack):
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
     uses_surrogate = True
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
-        "block_size": (int, 4000, "images perturbed together (one kernel-regression training set)"),
-        "val_size": (int, 2000, "clean images the kernel regressor is scored on per block"),
-        "pgd_steps": (int, 10, "projected gradient steps per block"),
-        "step_frac": (float, 0.25, "step as a fraction of eps"),
-        "depth": (int, 3, "hidden layers of the FC ReLU network whose NTK is used"),
-        "ridge": (float, 0.01, "kernel ridge, relative to the mean kernel diagonal"),
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "block_size": Param(int, 4000, "images perturbed together (one kernel-regression training set)", low=1),
+        "val_size": Param(int, 2000, "clean images the kernel regressor is scored on per block", low=0),
+        "pgd_steps": Param(int, 10, "projected gradient steps per block", low=0),
+        "step_frac": Param(float, 0.25, "step as a fraction of eps", low=0),
+        "depth": Param(int, 3, "hidden layers of the FC ReLU network whose NTK is used", low=1),
+        "ridge": Param(float, 0.01, "kernel ridge, relative to the mean kernel diagonal", low=0),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},

@@ -17,10 +17,11 @@ pixels are spread out and stay apart under the victim's random crops.
 from __future__ import annotations
 
 import itertools
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
+from ..params import Param
 from .base import Attack, register_attack
 
 
@@ -67,8 +68,8 @@ class OPS(Attack):
     norm = "l0"
     norms = ("l0",)
     default_eps: ClassVar[dict[str, float]] = {"l0": 1}
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
-        "tie_tol": (float, 1e-6, "relative score difference still counted as a tie"),
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "tie_tol": Param(float, 1e-6, "relative score difference still counted as a tie", low=0),
     }
 
     def _craft(self, x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:

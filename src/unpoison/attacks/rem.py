@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import Param
 from ..tensors import augment_batch, crop_pad
 from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
@@ -26,16 +27,16 @@ class REM(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
+    PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
-        "rounds": (int, 100, "most outer rounds"),
-        "train_steps": (int, 10, "adversarial surrogate SGD steps per round"),
-        "pgd_steps": (int, 20, "noise steps per round (every image)"),
-        "step_frac": (float, 0.1, "noise step as a fraction of eps"),
-        "adv_radius": (float, 4 / 255, "radius rho_a of the inner l_inf adversarial perturbation"),
-        "adv_steps": (int, 10, "PGD steps of the inner maximisation"),
-        "eot": (int, 5, "augmentation samples averaged per noise step"),
-        "stop_acc": (float, 99.0, "stop once the surrogate's accuracy on poisoned data exceeds this (%)"),
+        "rounds": Param(int, 100, "most outer rounds", low=1),
+        "train_steps": Param(int, 10, "adversarial surrogate SGD steps per round", low=0),
+        "pgd_steps": Param(int, 20, "noise steps per round (every image)", low=0),
+        "step_frac": Param(float, 0.1, "noise step as a fraction of eps", low=0),
+        "adv_radius": Param(float, 4 / 255, "radius rho_a of the inner l_inf adversarial perturbation", low=0),
+        "adv_steps": Param(int, 10, "PGD steps of the inner maximisation", low=0),
+        "eot": Param(int, 5, "augmentation samples averaged per noise step", low=1),
+        "stop_acc": Param(float, 99.0, "stop once the surrogate's accuracy on poisoned data exceeds this (%)", low=0),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},

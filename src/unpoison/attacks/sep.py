@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import Param
 from ._surrogate import SURROGATE_PARAMS, FeatureTap, SurrogateAttack, poisoned
 from .base import register_attack
 
@@ -34,13 +35,13 @@ class SEP(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
+    PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
-        "train_epochs": (int, 120, "epochs of the clean training run that yields the checkpoints"),
-        "n_checkpoints": (int, 15, "checkpoints (evenly spaced epochs) forming the ensemble"),
-        "pgd_steps": (int, 30, "outer PGD steps per image"),
-        "step_frac": (float, 0.1, "outer step as a fraction of eps"),
-        "vr_inner": (int, 15, "variance-reduced inner steps per outer step (0: plain ensemble PGD)"),
+        "train_epochs": Param(int, 120, "epochs of the clean training run that yields the checkpoints", low=1),
+        "n_checkpoints": Param(int, 15, "checkpoints (evenly spaced epochs) forming the ensemble", low=1),
+        "pgd_steps": Param(int, 30, "outer PGD steps per image", low=0),
+        "step_frac": Param(float, 0.1, "outer step as a fraction of eps", low=0),
+        "vr_inner": Param(int, 15, "variance-reduced inner steps per outer step (0: plain ensemble PGD)", low=0),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import Param
 from ..tensors import augment_batch, crop_pad
 from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
@@ -27,12 +28,12 @@ class TAP(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
+    PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
-        "train_epochs": (int, 40, "epochs of clean surrogate training"),
-        "pgd_steps": (int, 250, "targeted PGD steps per image"),
-        "step_frac": (float, 0.025, "PGD step as a fraction of eps"),
-        "augment": (bool, True, "differentiable crop + flip inside the attack"),
+        "train_epochs": Param(int, 40, "epochs of clean surrogate training", low=1),
+        "pgd_steps": Param(int, 250, "targeted PGD steps per image", low=0),
+        "step_frac": Param(float, 0.025, "PGD step as a fraction of eps", low=0),
+        "augment": Param(bool, True, "differentiable crop + flip inside the attack"),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},

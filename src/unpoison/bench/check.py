@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from ..params import check_params
 from .grid import Cell
 from .run import KINDS, Kind, load_for_cell, subset_args
 
@@ -96,14 +97,7 @@ def _check_table(cfg: dict[str, Any]) -> list[str]:
 
 
 def _check_params(k: Kind, params: dict[str, Any]) -> None:
-    bad = sorted(set(params) - set(k.params))
-    if bad:
-        known = ", ".join(sorted(k.params)) or "none"
-        raise UserError(f"kind {k.name!r} takes no params {', '.join(bad)}; known: {known}")
-    for name, v in params.items():
-        typ = k.params[name][0]
-        if v is not None and typ in (list, dict, bool) and not isinstance(v, typ):
-            raise UserError(f"params.{name} must be a {typ.__name__}, got {v!r}")
+    check_params(params, k.params, f"kind {k.name!r}")
 
 
 def _steps(k: Kind) -> list[Any]:

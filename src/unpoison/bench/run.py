@@ -42,6 +42,7 @@ from ..data import ImageDataset, load_dataset
 from ..data.fingerprint import dataset_fingerprint
 from ..disentangle import add_perturbation
 from ..errors import UserError
+from ..params import Param
 from ..utils import Timer, atomic_path, manifest, parse_fraction, psnr, write_json
 from .grid import Cell, import_plugins, short_hash
 
@@ -54,7 +55,7 @@ DIFFUSION_FILE = "diffusion.pt"
 class Kind:
     """An experiment function plus what its cells may hold, for the check before a grid starts.
 
-    ``params``: the ``params:`` keys it reads -> (type, default, help). ``defense``: what its defense axis
+    ``params``: the ``params:`` keys it reads (:class:`~unpoison.params.Param`). ``defense``: what its defense axis
     may name: ``any`` (none, a purifier or a training-time defense), ``purifier`` (none or a purifier),
     ``stage1`` (a purifier exposing a stage-1 ``p_hat``; none means dvae), ``apply`` (like stage1, and
     able to infer ``p_hat`` on new images), ``none``.
@@ -63,7 +64,7 @@ class Kind:
     name: str
     fn: KindFn
     help: str
-    params: dict[str, tuple[Any, Any, str]] = field(default_factory=dict)
+    params: dict[str, Param] = field(default_factory=dict)
     defense: str = "any"
 
 
@@ -71,7 +72,7 @@ class Kind:
 KINDS: Registry[Kind] = Registry("cell kind")
 
 
-def kind(name: str, help: str, params: dict[str, tuple[Any, Any, str]] | None = None,  # noqa: A002
+def kind(name: str, help: str, params: dict[str, Param] | None = None,  # noqa: A002
          defense: str = "any") -> Callable[[KindFn], KindFn]:
     """Register an experiment function as cell kind ``name``."""
 
@@ -242,7 +243,7 @@ def _measure(ctx: CellContext, x_clean: np.ndarray, x_p: np.ndarray, idx: np.nda
 
 # --- experiment kinds --------------------------------------------------------------------------------------
 @kind("purify", "attack -> pre-training purifier or training-time defense -> clean test accuracy",
-      params={"no_aug_column": (bool, False, "also score without crop + flip (what the augmentation defeats)")})
+      params={"no_aug_column": Param(bool, False, "also score without crop + flip (what the augmentation defeats)")})
 def kind_purify(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds)
@@ -375,9 +376,9 @@ def _detect(ctx: CellContext, ds: ImageDataset, x_p: np.ndarray) -> tuple[np.nda
     return res.flags, res.info
 
 
-_DETECT_PARAMS: dict[str, tuple[Any, Any, str]] = {
-    "detector": (str, "dvae", "purifier whose stage-1 p_hat flags samples"),
-    "detector_params": (dict, None, "its parameters (default: the defense entry's when it is dvae)"),
+_DETECT_PARAMS: dict[str, Param] = {
+    "detector": Param(str, "dvae", "purifier whose stage-1 p_hat flags samples"),
+    "detector_params": Param(dict, None, "its parameters (default: the defense entry's when it is dvae)"),
 }
 
 
@@ -394,7 +395,7 @@ def kind_detect(ctx: CellContext) -> dict[str, Any]:
 
 
 @kind("partial", "Table 8: poison a fraction; detect, then purify only the flagged part (or all)",
-      params={**_DETECT_PARAMS, "detect_first_for": (list, ["dvae"], "defenses that purify only flagged images")},
+      params={**_DETECT_PARAMS, "detect_first_for": Param(list, ["dvae"], "defenses that purify only flagged images")},
       defense="purifier")
 def kind_partial(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
@@ -449,7 +450,7 @@ def kind_amplify(ctx: CellContext) -> dict[str, Any]:
 
 
 @kind("theorem2", "Theorem 2: KLD of a normalised two-Gaussian mixture vs its bounds (numerical)",
-      params={"r": (list, None, "ratios r = delta/sigma to integrate at (default: a log-spaced range)")},
+      params={"r": Param(list, None, "ratios r = delta/sigma to integrate at (default: a log-spaced range)")},
       defense="none")
 def kind_theorem2(ctx: CellContext) -> dict[str, Any]:
     from .theorem2 import check_theorem2

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..params import Param, parse_bool
 from ..presets import PresetTable, choose, common_choices
 
 
@@ -80,23 +81,24 @@ def peek(argv: list[str] | None, flag: str) -> str | None:
 
 
 def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    try:
+        return parse_bool(s, "the value")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_method_flags(p: argparse.ArgumentParser, params: dict[str, tuple[type, Any, str]],
-                     defaults: dict[str, str], skip: set[str], title: str) -> None:
-    """One ``--key`` flag (dest ``param_key``, default None = the method's own) per entry of ``params``,
-    its help ending with the real default from ``defaults``."""
+def add_method_flags(p: argparse.ArgumentParser, params: Mapping[str, Param], defaults: dict[str, str],
+                     skip: set[str], title: str) -> None:
+    """One ``--key`` flag (dest ``param_key``, default None = the method's own) per :class:`Param` of
+    ``params``, its help ending with its range and the real default from ``defaults``."""
     g = p.add_argument_group(title)
-    for key, (typ, _, help_) in sorted(params.items()):
+    for key, prm in sorted(params.items()):
         if key in skip:
             continue
-        text = re.sub(r"\s*\(default[^)]*\)\s*$", "", help_)
-        text = f"{text} (default: {defaults.get(key, 'None')})".replace("%", "%%")
+        typ = prm.type
+        text = re.sub(r"\s*\(default[^)]*\)\s*$", "", prm.help)
+        rng = prm.range_text()
+        text = f"{text}{'; ' + rng if rng else ''} (default: {defaults.get(key, 'None')})".replace("%", "%%")
         kw: dict[str, Any] = {"default": None, "help": text}
         if typ is bool:
             kw.update(type=_bool, metavar="BOOL")

@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
     td = peek(argv, "--train-defense")
     if td in TRAIN_DEFENSES:
         params = TRAIN_DEFENSES.get(td).PARAMS
-        defaults = {k: str(v[1]) for k, v in params.items()}
+        defaults = {k: str(v.default) for k, v in params.items()}
         add_method_flags(p, params, defaults, {"seed"}, f"parameters of --train-defense {td}")
     p.set_defaults(func=run)
 

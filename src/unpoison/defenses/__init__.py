@@ -1,14 +1,12 @@
 """Defenses: pre-training purifiers (D-VAE and the baselines) and training-time defenses.
 
-Importing this package registers every defense in :data:`DEFENSES` / :data:`TRAIN_DEFENSES`.
+Importing this package imports every module in it (:func:`unpoison._registry.discover`), and each registers
+its defenses in :data:`DEFENSES` / :data:`TRAIN_DEFENSES`: a new defense is one new module.
 """
 
-from importlib import import_module
+from .._registry import discover
+from .base import DEFENSES, TRAIN_DEFENSES, Purifier, make_purifier, make_train_defense
 
-from .base import DEFENSES, TRAIN_DEFENSES, Purifier, make_purifier, make_train_defense  # noqa: F401
-
-# one module per defense family; each registers itself on import
-for _mod in ("dvae", "simple", "avatar", "training"):
-    import_module(f"{__name__}.{_mod}")
+discover(__name__)
 
 __all__ = ["DEFENSES", "TRAIN_DEFENSES", "Purifier", "make_purifier", "make_train_defense"]

@@ -28,11 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..accel import Accel
+from ..checkpoints import load_state, save_state
 from ..data import ImageDataset
 from ..errors import UserError
+from ..params import Param
 from ..presets import PresetTable, register_presets
 from ..tensors import pick_device, rng_scope
-from ..utils import atomic_path
 from .base import DEFENSES, Purifier
 
 FORMAT = "unpoison-diffusion"
@@ -111,8 +112,7 @@ def _to_uint8(x: torch.Tensor, cfg: dict[str, Any]) -> np.ndarray:
 
 def save_checkpoint(path: str | Path, cfg: dict[str, Any], model: nn.Module) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "version": VERSION, "config": json.dumps(cfg), "state_dict": state}, tmp)
+    save_state(path, {"format": FORMAT, "version": VERSION, "config": json.dumps(cfg), "state_dict": state})
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -120,10 +120,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     p = Path(path)
     if not p.is_file():
         raise UserError("diffusion checkpoint not found", p)
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is the user's to fix
-        raise UserError(f"not a readable diffusion checkpoint ({type(e).__name__}: {str(e)[:200]})", p) from None
+    blob = load_state(p, "diffusion checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state_dict" not in blob:
         raise UserError(f"not an unpoison diffusion checkpoint (expected format {FORMAT!r}; "
                         "make one with 'unpoison train-diffusion')", p)
@@ -209,11 +206,11 @@ def train_diffusion(ds: ImageDataset, preset: str = "toy", epochs: int | None = 
 class AvatarPurifier(Purifier):
     """Diffusion purification with a checkpoint from ``unpoison train-diffusion``."""
 
-    name = "avatar"
     PARAMS = {
-        "checkpoint": (str, None, "diffusion checkpoint (.pt) from 'unpoison train-diffusion'"),
-        "t_star": (int, 100, "diffusion step to noise to (of 1000); larger removes more, and more content"),
-        "batch_size": (int, 256, "images per denoising batch"),
+        "checkpoint": Param(str, None, "diffusion checkpoint (.pt) from 'unpoison train-diffusion'"),
+        "t_star": Param(int, 100, "diffusion step to noise to (of 1000); larger removes more, and more content",
+                        low=1, high=NUM_TRAIN_TIMESTEPS - 1),
+        "batch_size": Param(int, 256, "images per denoising batch", low=1),
     }
     COMMON = frozenset({"device", "seed", "progress"})
 
@@ -221,12 +218,8 @@ class AvatarPurifier(Purifier):
                  device: str = "auto", seed: int = 0, progress: bool = True, accel: Accel | None = None) -> None:
         if not checkpoint:
             raise UserError("avatar needs --checkpoint PATH (train one with 'unpoison train-diffusion')")
-        if int(t_star) != t_star or not 1 <= t_star < NUM_TRAIN_TIMESTEPS:
-            raise UserError(f"--t-star for avatar must be an integer in 1..{NUM_TRAIN_TIMESTEPS - 1}, got {t_star!r}")
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise UserError(f"--batch-size for avatar must be a positive integer, got {batch_size!r}")
-        super().__init__(checkpoint=str(checkpoint), t_star=int(t_star), batch_size=int(batch_size))
-        self.checkpoint, self.t_star, self.batch_size = str(checkpoint), int(t_star), int(batch_size)
+        super().__init__(checkpoint=str(checkpoint), t_star=t_star, batch_size=batch_size)
+        self.checkpoint, self.t_star, self.batch_size = (self.params[k] for k in ("checkpoint", "t_star", "batch_size"))
         self.device, self.seed, self.progress = device, seed, progress
         self.accel = accel  # None: Accel.auto(device, "diffusion") once the device is known
 

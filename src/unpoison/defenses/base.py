@@ -10,7 +10,7 @@ that the scoring protocol applies to every batch (see :data:`unpoison.train.Trai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc  # noqa: F401  (re-exported)
 from ..errors import UserError
+from ..params import Param, check_params
 from ..presets import show_value
 from ..tensors import TrainDefense
 
@@ -34,8 +35,8 @@ class Purifier:
     """
 
     name: str = ""
-    #: method parameters exposed as CLI flags: name -> (type, default, help)
-    PARAMS: dict[str, tuple[type, Any, str]] = {}
+    #: method parameters (type, default, range, help): the CLI flags, the bench check and the API read them
+    PARAMS: Mapping[str, Param] = {}
     #: which common settings (device, seed, progress, preset) ``__init__`` accepts; :func:`make_purifier` passes them
     COMMON: frozenset[str] = frozenset()
     needs_labels: bool = False
@@ -45,7 +46,8 @@ class Purifier:
     supports_streaming: bool = False
 
     def __init__(self, **params: Any) -> None:
-        self.params = params
+        declared = {k: v for k, v in params.items() if k in self.PARAMS}  # the rest: common settings (seed, ...)
+        self.params = {**params, **check_params(declared, self.PARAMS, f"defense {self.name!r}")}
         self.stages_: dict[str, np.ndarray] = {}
         self.extras_: dict[str, np.ndarray] = {}
         self.info_: dict[str, Any] = {}
@@ -63,7 +65,7 @@ class Purifier:
     @classmethod
     def param_defaults(cls) -> dict[str, str]:
         """Each parameter's default as ``--help`` shows it (subclasses with presets show them per preset)."""
-        return {k: show_value(v[1]) for k, v in cls.PARAMS.items()}
+        return {k: show_value(p.default) for k, p in cls.PARAMS.items()}
 
     def fit(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> Purifier:
         xx = as_uint8_nhwc(x)
@@ -103,13 +105,6 @@ DEFENSES: Registry[type[Purifier]] = Registry("defense")
 TRAIN_DEFENSES: Registry[Callable[..., TrainDefense]] = Registry("training-time defense")
 
 
-def _check_known(family: str, name: str, params: dict[str, Any], known: dict[str, Any]) -> None:
-    bad = sorted(set(params) - set(known))
-    if bad:
-        raise UserError(f"{family} {name!r} has no parameter(s) {', '.join(bad)}; "
-                        f"known: {', '.join(sorted(known)) or 'none'}")
-
-
 def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int = 0, progress: bool = True,
                   preset: str | None = None, checkpoint_dir: str | None = None, resume: bool = False,
                   memory_budget: str | int | None = None, dist: Any = None, **params: Any) -> Purifier:
@@ -119,7 +114,7 @@ def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int =
     ``memory_budget`` and a several-process ``dist`` (:mod:`unpoison.distributed`) for one that does not stream."""
     cls = DEFENSES.get(name)
     preset = params.pop("preset", None) or preset
-    _check_known("defense", name, params, cls.PARAMS)
+    params = check_params(params, cls.PARAMS, f"defense {name!r}")
     common = {"device": device, "seed": seed, "progress": progress, "preset": preset}
     kw = dict(params)
     kw.update({k: v for k, v in common.items() if k in cls.COMMON and v is not None})
@@ -145,7 +140,7 @@ def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int =
 def make_train_defense(name: str, **params: Any) -> TrainDefense:
     """Build a training-time defense from its ``PARAMS`` (unknown names are a :class:`UserError`)."""
     cls = TRAIN_DEFENSES.get(name)
-    _check_known("training-time defense", name, params, getattr(cls, "PARAMS", {}))
+    params = check_params(params, getattr(cls, "PARAMS", {}), f"training-time defense {name!r}")
     try:
         return cls(**params)
     except TypeError as e:

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..params import Param
 from ..tensors import pick_device
 from .base import DEFENSES, Purifier
 
@@ -49,20 +50,9 @@ class _TensorPurifier(Purifier):
         return out
 
 
-def _int_param(value: Any, name: str, lo: int, hi: int, method: str) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--{name} for {method} must be an integer, got {value!r}") from None
-    if v != value or not lo <= v <= hi:
-        raise UserError(f"--{name} for {method} must be an integer in {lo}..{hi}, got {value!r}")
-    return v
-
-
-def _odd_size(value: Any, name: str, method: str) -> int:
-    v = _int_param(value, name, 1, 10**6, method)
+def _odd(v: int, name: str, method: str) -> int:
     if v % 2 == 0:
-        raise UserError(f"--{name} for {method} must be odd, got {v}")
+        raise UserError(f"defense {method!r} {name} must be odd, got {v}")
     return v
 
 
@@ -76,14 +66,13 @@ def _fits_image(size: int, x: np.ndarray, name: str, method: str) -> None:
 class JPEGPurifier(Purifier):
     """JPEG round trip through Pillow: removes high-frequency perturbations at low quality."""
 
-    name = "jpeg"
-    PARAMS = {"quality": (int, 10, "JPEG quality 1..95 (lower = stronger purification)")}
+    PARAMS = {"quality": Param(int, 10, "JPEG quality (lower = stronger purification)", low=1, high=95)}
     COMMON = frozenset({"progress"})
 
     def __init__(self, quality: int = 10, progress: bool = False) -> None:
-        self.quality = _int_param(quality, "quality", 1, 95, "jpeg")
+        super().__init__(quality=quality)
+        self.quality = self.params["quality"]
         self.progress = progress
-        super().__init__(quality=self.quality)
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         out = np.empty_like(x)
@@ -103,12 +92,11 @@ class JPEGPurifier(Purifier):
 class BitDepthReduction(_TensorPurifier):
     """Quantise each channel to ``2**bits`` evenly spaced levels over 0..255 (round to nearest)."""
 
-    name = "bdr"
-    PARAMS = {"bits": (int, 2, "bits per channel kept, 1..8")}
+    PARAMS = {"bits": Param(int, 2, "bits per channel kept", low=1, high=8)}
 
     def __init__(self, bits: int = 2, device: str = "auto", progress: bool = False) -> None:
-        self.bits = _int_param(bits, "bits", 1, 8, "bdr")
-        super().__init__(device=device, progress=progress, bits=self.bits)
+        super().__init__(device=device, progress=progress, bits=bits)
+        self.bits = self.params["bits"]
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         levels = 2**self.bits - 1
@@ -121,8 +109,7 @@ class BitDepthReduction(_TensorPurifier):
 class GrayscalePurifier(_TensorPurifier):
     """torchvision's ``rgb_to_grayscale`` replicated to 3 channels; 1-channel data passes unchanged."""
 
-    name = "gray"
-    PARAMS: dict[str, tuple[type, Any, str]] = {}
+    PARAMS: dict[str, Param] = {}
 
     def __init__(self, device: str = "auto", progress: bool = False) -> None:
         super().__init__(device=device, progress=progress)
@@ -137,25 +124,19 @@ class GrayscalePurifier(_TensorPurifier):
 class GaussianFilter(_TensorPurifier):
     """Low-pass filter: a classic preprocessing defense against high-frequency poisons."""
 
-    name = "gauss"
     PARAMS = {
-        "sigma": (float, 1.0, "Gaussian standard deviation in pixels (> 0)"),
-        "kernel_size": (int, 3, "odd filter size in pixels, at most the image size"),
+        "sigma": Param(float, 1.0, "Gaussian standard deviation in pixels", low=0, low_open=True),
+        "kernel_size": Param(int, 3, "odd filter size in pixels, at most the image size", low=1, high=10**6),
     }
 
     def __init__(self, sigma: float = 1.0, kernel_size: int = 3, device: str = "auto",
                  progress: bool = False) -> None:
-        self.kernel_size = _odd_size(kernel_size, "kernel-size", "gauss")
-        try:
-            self.sigma = float(sigma)
-        except (TypeError, ValueError):
-            raise UserError(f"--sigma for gauss must be a number, got {sigma!r}") from None
-        if not self.sigma > 0 or not np.isfinite(self.sigma):
-            raise UserError(f"--sigma for gauss must be > 0, got {sigma!r}")
-        super().__init__(device=device, progress=progress, sigma=self.sigma, kernel_size=self.kernel_size)
+        super().__init__(device=device, progress=progress, sigma=sigma, kernel_size=kernel_size)
+        self.sigma = self.params["sigma"]
+        self.kernel_size = _odd(self.params["kernel_size"], "kernel_size", "gauss")
 
     def _check_shape(self, x: np.ndarray) -> None:
-        _fits_image(self.kernel_size, x, "kernel-size", "gauss")
+        _fits_image(self.kernel_size, x, "kernel_size", "gauss")
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.functional import gaussian_blur
@@ -168,12 +149,11 @@ class GaussianFilter(_TensorPurifier):
 class MedianFilter(_TensorPurifier):
     """Median filter: removes sparse / impulsive perturbations while keeping edges."""
 
-    name = "median"
-    PARAMS = {"size": (int, 3, "odd median window size in pixels, at most the image size")}
+    PARAMS = {"size": Param(int, 3, "odd median window size in pixels, at most the image size", low=1, high=10**6)}
 
     def __init__(self, size: int = 3, device: str = "auto", progress: bool = False) -> None:
-        self.size = _odd_size(size, "size", "median")
-        super().__init__(device=device, progress=progress, size=self.size)
+        super().__init__(device=device, progress=progress, size=size)
+        self.size = _odd(self.params["size"], "size", "median")
 
     def _check_shape(self, x: np.ndarray) -> None:
         _fits_image(self.size, x, "size", "median")

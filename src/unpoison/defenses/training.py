@@ -19,7 +19,7 @@ Speed switches (bf16 autocast of the inner forward passes, channels_last) come f
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..accel import Accel
 from ..errors import UserError
+from ..params import Param, check_params
 from ..utils import parse_fraction
 from .base import TRAIN_DEFENSES
 
@@ -73,25 +74,26 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
 class AdversarialTraining:
     """Madry PGD adversarial training: the batch is replaced by its PGD adversarial examples."""
 
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
-        "eps": (str, "8/255", "PGD radius (l_inf, pixels in [0, 1])"),
-        "steps": (int, 10, "PGD steps per batch"),
-        "step_size": (str, "1.6/255", "PGD step size"),
-        "random_start": (bool, True, "start PGD from a uniform random point in the ball"),
-        "seed": (int, None, "seed of a local generator for the random start (default: the training run's RNG)"),
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "eps": Param(str, "8/255", "PGD radius (l_inf, pixels in [0, 1])"),
+        "steps": Param(int, 10, "PGD steps per batch", low=1),
+        "step_size": Param(str, "1.6/255", "PGD step size"),
+        "random_start": Param(bool, True, "start PGD from a uniform random point in the ball"),
+        "seed": Param(int, None, "seed of a local generator for the random start (default: the training run's RNG)",
+                      low=0),
     }
 
     def __init__(self, eps: float | str = "8/255", steps: int = 10, step_size: float | str = "1.6/255",
                  random_start: bool = True, seed: int | None = None, accel: Accel | None = None) -> None:
-        self.eps = parse_fraction(eps, "eps")
-        self.step_size = parse_fraction(step_size, "step size")
+        p = check_params({"eps": eps, "steps": steps, "step_size": step_size, "random_start": random_start,
+                          "seed": seed}, self.PARAMS, "training-time defense 'at'")
+        self.eps = parse_fraction(p["eps"], "eps")
+        self.step_size = parse_fraction(p["step_size"], "step size")
         if not 0 < self.eps <= 1 or not 0 < self.step_size <= 1:
             raise UserError(f"PGD eps and step size must be in (0, 1], got {self.eps}, {self.step_size}")
-        if int(steps) != steps or steps < 1:
-            raise UserError(f"PGD steps must be a positive integer, got {steps!r}")
-        self.steps = int(steps)
-        self.random_start = bool(random_start)
-        self.seed = seed
+        self.steps = p["steps"]
+        self.random_start = p["random_start"]
+        self.seed = p["seed"]
         self.accel = accel
         self._gen: torch.Generator | None = None
 
@@ -138,23 +140,22 @@ class UEraser:
     callable, so use one instance per training run.
     """
 
-    PARAMS: ClassVar[dict[str, tuple[type, Any, str]]] = {
-        "repeats": (int, 5, "augmented copies per sample while in the max phase (K)"),
-        "switch_step": (int, None, "batches after which to use one copy (default: never)"),
-        "switch_frac": (float, None, "like switch_step, as a fraction of the run's steps (e.g. 0.8)"),
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "repeats": Param(int, 5, "augmented copies per sample while in the max phase (K)", low=1),
+        "switch_step": Param(int, None, "batches after which to use one copy (default: never)", low=0),
+        "switch_frac": Param(float, None, "like switch_step, as a fraction of the run's steps (e.g. 0.8)", low=0,
+                             high=1),
     }
 
     def __init__(self, repeats: int = 5, switch_step: int | None = None, switch_frac: float | None = None,
                  accel: Accel | None = None) -> None:
-        if int(repeats) != repeats or repeats < 1:
-            raise UserError(f"UEraser repeats must be a positive integer, got {repeats!r}")
-        if switch_step is not None and (int(switch_step) != switch_step or switch_step < 0):
-            raise UserError(f"UEraser switch step must be a non-negative integer, got {switch_step!r}")
-        if switch_frac is not None and (switch_step is not None or not 0 <= switch_frac <= 1):
-            raise UserError(f"UEraser switch_frac must be in [0, 1], without switch_step; got {switch_frac!r}")
-        self.repeats = int(repeats)
-        self.switch_step = None if switch_step is None else int(switch_step)
-        self.switch_frac = switch_frac
+        p = check_params({"repeats": repeats, "switch_step": switch_step, "switch_frac": switch_frac}, self.PARAMS,
+                         "training-time defense 'ueraser'")
+        if p["switch_frac"] is not None and p["switch_step"] is not None:
+            raise UserError("UEraser takes switch_frac or switch_step, not both")
+        self.repeats = p["repeats"]
+        self.switch_step = p["switch_step"]
+        self.switch_frac = p["switch_frac"]
         self.step = 0
         self.accel = accel
         self._aug: dict[int, nn.Module] = {}

@@ -1,0 +1,118 @@
+"""Every D-VAE / VAE / AE hyperparameter, declared once: :class:`DVAEConfig` and its presets.
+
+Each field carries its :class:`~unpoison.params.Param` (range, help) and the methods that read it, so the
+purifiers' ``PARAMS`` (the API's keyword arguments, ``unpoison purify --method dvae`` flags and the
+benchmark's check) are derived from this one class: every field is reachable the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ...models.dvae import EMBEDDINGS, LOSS_FORMS, P_INPUTS
+from ...params import Param
+from ...presets import PresetTable, register_presets
+
+ALL = ("dvae", "vae", "ae")
+
+
+def _f(default: Any, help: str, low: float | None = None, high: float | None = None,  # noqa: A002
+       low_open: bool = False, choices: tuple[str, ...] | None = None, methods: tuple[str, ...] = ALL) -> Any:
+    """A config field with its parameter declaration (default ``None`` there: "the preset's")."""
+    prm = Param(type(default), None, help, low, high, low_open, choices)
+    return field(default=default, metadata={"param": prm, "methods": methods})
+
+
+@dataclass
+class DVAEConfig:
+    """All purification hyperparameters (paper B.2 + release); presets in :data:`PRESETS`."""
+
+    width: int = _f(64, "encoder width w (features 2w at the latent resolution)", 1, 4096)
+    width1: int = _f(0, "stage-1 width (0: width); stage 1's p_hat is as clean as its image branch is good",
+                     0, 4096, methods=("dvae",))
+    latent: int = _f(256, "latent channels of mu / logvar", 1, 65536)
+    epochs: int = _f(60, "training epochs per stage", 1, 10**6)
+    steps: int = _f(0, "optimizer steps per stage, rounded up to whole epochs; overrides epochs (0: off)", 0, 10**9)
+    batch_size: int = _f(128, "training batch size", 1, 2**20)
+    lr: float = _f(5e-3, "Adam learning rate (cosine to 0 over all steps of a stage)", 0, low_open=True)
+    grad_clip: float = _f(5.0, "gradient norm clip", 0, low_open=True)
+    kld_weight: float = _f(0.01, "KLD weight lambda of Eq. 14", 0, low_open=True, methods=("dvae", "vae"))
+    # max(KLD, limit) is a floor, so a limit below the rate lambda settles at does nothing: the release raises
+    # lambda to 0.5 for limits below 0.99
+    kld_weight1: float = _f(0.0, "stage-1 KLD weight lambda (0: kld_weight)", 0, methods=("dvae",))
+    kld_limit1: float = _f(1.0, "stage-1 KLD limit (paper 1.0; imagenet 1.5)", 0, methods=("dvae",))
+    kld_limit2: float = _f(3.0, "stage-2 KLD limit (paper 3.0)", 0, methods=("dvae",))
+    downsample1: int = _f(2, "stage-1 downsampling factor: latent resolution H/downsample1", 1, 1024,
+                          methods=("dvae",))
+    downsample2: int = _f(2, "stage-2 downsampling factor", 1, 1024, methods=("dvae",))
+    p_input: str = _f("class", "what D_p sees besides u_y: class (u_y only), z (paper text), features (release)",
+                      choices=P_INPUTS, methods=("dvae",))
+    embedding: str = _f("spatial", "u_y: spatial (2w x H/d x W/d per class) or vector (2w, broadcast; release)",
+                        choices=EMBEDDINGS, methods=("dvae",))
+    embed_std: float = _f(0.0, "initial N(0, std) of u_y; 0 = zeros (the release's nn.Embedding: 1)", 0,
+                          methods=("dvae",))
+    loss_form: str = _f("paper", "Eq. 14's second term: paper (x - x_hat vs p_hat) or release (clamped sum)",
+                        choices=LOSS_FORMS, methods=("dvae",))
+    rec_weight: float = _f(1.0, "weight of ||x - x_hat||^2 in Eq. 14 (paper: 1)", methods=("dvae",))
+    detach_residual: bool = _f(True, "no gradient from Eq. 14's second term into x_hat", methods=("dvae",))
+    p_cap: float = _f(0.0, "> 0: add max(mean(p_hat^2), p_cap) (the release: 0.002); 0 = off", 0, methods=("dvae",))
+    skip_stage1: bool = _f(False, "ablation (Table 6): purify with stage 2 only", methods=("dvae",))
+    stage2_subtract: bool = _f(True, "ablation (Table 6): false -> x3 = x_hat(x1), no subtraction in stage 2",
+                               methods=("dvae",))
+    kld_limit: float = _f(1.0, "KLD limit of the rate-constrained VAE", 0, methods=("vae",))
+    downsample: int = _f(2, "downsampling factor", 1, 1024, methods=("vae", "ae"))
+    bottleneck: int = _f(8, "AE code channels (smaller = stronger bottleneck)", 1, 65536, methods=("ae",))
+    infer_batch: int = _f(0, "inference batch (0: 1024 on CUDA, 256 on CPU, fewer for large images)", 0, 2**31)
+    compile: str = _f("auto", "torch.compile the conv stacks: auto (CUDA only), yes, no", choices=("auto", "yes", "no"))
+
+    @classmethod
+    def preset(cls, name: str = "paper", **overrides: Any) -> DVAEConfig:
+        """The named preset (or ``auto``) with ``overrides`` (None = keep the preset's; unknown = error)."""
+        table = DVAE_PRESETS.values(name, overrides)
+        if overrides and overrides.get("epochs") is not None and overrides.get("steps") is None:
+            table["steps"] = 0  # an explicit epoch count wins over a preset's step count
+        cfg = cls()
+        for k, v in table.items():
+            setattr(cfg, k, CONFIG_PARAMS[k].coerce(v, k, "D-VAE"))
+        cfg.check()
+        return cfg
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs per stage for ``n`` training images: ``epochs``, or enough to reach ``steps`` when set."""
+        if self.steps <= 0:
+            return self.epochs
+        return max(1, math.ceil(self.steps / max(1, math.ceil(n / self.batch_size))))
+
+    def check(self) -> None:
+        """Every field against its declared type and range (one-line :class:`UserError`)."""
+        for k, prm in CONFIG_PARAMS.items():
+            prm.coerce(getattr(self, k), k, "D-VAE")
+
+
+#: every field's parameter declaration
+CONFIG_PARAMS: dict[str, Param] = {f.name: f.metadata["param"] for f in fields(DVAEConfig)}
+
+
+def method_params(method: str) -> dict[str, Param]:
+    """The fields ``method`` (dvae, vae, ae) reads: its ``PARAMS``."""
+    return {f.name: f.metadata["param"] for f in fields(DVAEConfig) if method in f.metadata["methods"]}
+
+
+#: the presets, in one place. ``paper`` keeps the paper's numbers (rates 1.0 / 3.0 at lambda 0.01). ``cpu``:
+#: sized by optimizer steps (700 per stage, rounded up to whole epochs), so 3,000 and 60,000 images both get a
+#: trained model; stage 1 twice as wide as stage 2, since its p_hat is only as clean as its image branch is
+#: good; stage-1 rate 0.5 nat at lambda 0.05 (the paper's 1.0 at 0.01 let half of OPS through the image
+#: branch: OPS-poisoned Fashion-MNIST, 10,000 images, purified scored 76.6 % at 1.0 and 87.1 % at 0.5; LSP
+#: 87.9 and 87.4). Measurements: docs/results/disentangle.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "imagenet": {"downsample1": 8, "kld_limit1": 1.5, "epochs": 20},
+    "cpu": {"width": 8, "width1": 16, "latent": 32, "steps": 700, "batch_size": 64, "kld_limit1": 0.5,
+            "kld_weight1": 0.05},
+}
+
+DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(CONFIG_PARAMS),
+                                            aliases={"smoke": "cpu"}, help="D-VAE / VAE / AE purification",
+                                            label="D-VAE"))

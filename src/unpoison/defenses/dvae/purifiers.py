@@ -1,0 +1,257 @@
+"""The purifiers: two-stage D-VAE (Algorithm 1), and the VAE / AE reconstruction baselines.
+
+Stage 1 trains a fresh D-VAE on the poisoned images ``x0`` with a tight rate limit and subtracts its
+perturbation estimate: ``x1 = clip(x0 - p_hat(x0))``. Stage 2 trains another fresh D-VAE on ``x1`` (looser
+limit): ``x2 = clip(x1 - p_hat(x1))``, ``x3 = x_hat(x2)``. Intermediate images are rounded to uint8 (they are
+datasets in their own right and this keeps checkpoints small). ``p_hat`` arrays are float16 NHWC in 0..255
+pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ...models.dvae import DVAE, BottleneckAE, RateConstrainedVAE, ae_loss, check_geometry, dvae_loss, vae_loss
+from ...stream import BatchSource, ResidentSource, TensorSink, open_array
+from ...tensors import to_device_images
+from ..base import DEFENSES
+from .autoencoder import GRID_ROWS, AutoencoderPurifier, nhwc_rows
+from .config import method_params
+from .engine import InferFn, _infer, _infer_to, _nhwc, _to_u8
+
+#: how each stage's results are stored: uint8 images, float16 p_hat (0..255 units)
+_U8 = (np.uint8, _to_u8)
+_F16 = (np.float16, torch.Tensor.half)
+
+
+def _minus_p(name: str) -> InferFn:
+    """``name = x - p_hat(x)`` (the subtraction of both stages)."""
+    return lambda o, xb: {name: xb - o["p_hat"]}
+
+
+def _stage1(o: dict[str, torch.Tensor], xb: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"x1": xb - o["p_hat"], "p_hat": o["p_hat"] * 255}
+
+
+def _x_hat(o: dict[str, torch.Tensor], xb: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"purified": o["x_hat"]}
+
+
+@DEFENSES.register("dvae", "two-stage D-VAE purification (the paper's method); presets paper/imagenet/cpu")
+class DVAEPurifier(AutoencoderPurifier):
+    """Two-stage D-VAE purification (Algorithm 1). ``preset`` = paper | imagenet | cpu."""
+
+    needs_labels = True
+    PARAMS = method_params("dvae")
+
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        h, w, _ = image_shape
+        if not self.config.skip_stage1:
+            check_geometry(h, w, self.config.downsample1)
+        check_geometry(h, w, self.config.downsample2)
+
+    def _make(self, stage: int, c: int, hw: tuple[int, int]) -> Callable[[], nn.Module]:
+        cfg = self.config
+        d = cfg.downsample1 if stage == 1 else cfg.downsample2
+        width = (cfg.width1 or cfg.width) if stage == 1 else cfg.width
+        return lambda: DVAE(c, hw, self.num_classes_, width, cfg.latent, d, p_input=cfg.p_input,
+                            embedding=cfg.embedding, embed_std=cfg.embed_std)
+
+    def _loss(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        cfg = self.config
+        return functools.partial(dvae_loss, form=cfg.loss_form, p_cap=cfg.p_cap or None,
+                                 rec_weight=cfg.rec_weight, detach_residual=cfg.detach_residual)
+
+    def fit_stage1(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> DVAEPurifier:
+        """Fit stage 1 only: detection needs stage 1's ``p_hat``, at half the cost of a full fit."""
+        from ..base import as_labels, as_uint8_nhwc
+
+        xx = as_uint8_nhwc(x)
+        self._fit(xx, as_labels(y, len(xx)), stage1_only=True)
+        return self
+
+    def _fit(self, x: np.ndarray, y: np.ndarray | None, stage1_only: bool = False) -> None:
+        self._start_fit()
+        cfg = self.config
+        yt = self._labels(y, fitting=True)
+        h, w, c = x.shape[1:]
+        if stage1_only and cfg.skip_stage1:
+            raise UserError("fit_stage1 with skip_stage1=True: there is no stage 1 to fit")
+        self.check_input((h, w, c))
+        ckpt = self._checkpointer(*self._fingerprint(x, y))
+        self.models_ = {}
+        streamed = self._plan(x, "fit")
+        x0 = x1 = self._source(x, streamed)
+        try:  # Algorithm 1, training: a fresh D-VAE per stage, stage 2 on stage 1's output
+            if not cfg.skip_stage1:
+                m1 = self._fit_stage("stage1", self._make(1, c, (h, w)), self._loss(), x0, yt, cfg.kld_limit1, ckpt, 1,
+                                     kld_weight=cfg.kld_weight1)
+                if stage1_only:
+                    return
+                x1 = self._stage1_images(m1, x0, yt, ckpt, streamed, (len(x), h, w, c))  # clip(x0 - p_hat(x0))
+            self._fit_stage("stage2", self._make(2, c, (h, w)), self._loss(), x1, yt, cfg.kld_limit2, ckpt, 2)
+        finally:
+            x0.close()
+            x1.close()
+
+    def _stage1_images(self, m1: nn.Module, x0: BatchSource, yt: torch.Tensor | None, ckpt: Any,
+                       streamed: bool, shape: tuple[int, int, int, int]) -> BatchSource:
+        """Stage 2's training images ``x1 = clip(x0 - p_hat(x0))``: resumed from the checkpoint, or computed
+        (into the checkpoint folder when there is one, so a killed run need not redo it)."""
+        saved = ckpt.saved_images("stage1_images", shape)
+        if saved is not None:
+            return self._source(saved, streamed)
+        path = ckpt.images_path("stage1_images")
+        if path is None and not streamed and not self.dist.active:
+            sink = TensorSink(len(x0))
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), _minus_p("x1"), {"x1": (sink, _to_u8)})
+            return ResidentSource(sink.result())
+        path = path or self.staging.path("stage1_images")
+        with self.staging.npy_output(path, shape, np.uint8) as out:
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), _minus_p("x1"), {"x1": (out, _to_u8)}, self.dist)
+        ckpt.mark_images("stage1_images", shape)
+        return self._source(open_array(path), streamed)
+
+    def estimate_perturbation(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                              stage: str = "stage1") -> np.ndarray:
+        """``p_hat(x)`` of a fitted stage's D-VAE (float16 NHWC, 0..255 units); detection reuses it."""
+        from ..base import as_labels, as_uint8_nhwc
+
+        self._check_fitted()
+        if stage not in self.models_:
+            raise UserError(f"no fitted {stage} (fitted: {', '.join(self.models_)})")
+        xx = as_uint8_nhwc(x)
+        yy = self._labels(as_labels(y, len(xx)), fitting=False)
+        if yy is None:
+            raise UserError("estimate_perturbation needs labels y")
+        x_u8 = to_device_images(xx, self.device_)
+        p = _infer(self.models_[stage], x_u8, yy, self._infer_accel(xx.shape[1:]), lambda o, xb: o["p_hat"] * 255)
+        return _nhwc(p.half())
+
+    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        self._check_fitted()
+        yt = self._labels(y, fitting=False)
+        t0 = time.perf_counter()
+        streamed = self._plan(x, "transform")
+        files = streamed or self.dist.active
+        keep = None if not files else GRID_ROWS  # rows of each stage kept in memory for the report's grid
+        self.stages_, self.extras_, self.extra_files_ = {}, {}, {}
+        psnrs: dict[str, float] = {}
+        sources: list[BatchSource] = []
+
+        def source(a: np.ndarray | torch.Tensor) -> BatchSource:
+            sources.append(self._source(a, streamed))
+            return sources[-1]
+
+        def run(model: nn.Module, xs: BatchSource, fn: InferFn, **specs: Any) -> dict[str, Any]:
+            return self._pass(model, xs, yt, fn, specs, files, tuple(x.shape))
+
+        try:  # Algorithm 1, purification
+            x0 = x1 = source(x)
+            if "stage1" in self.models_:  # x1 = clip(x0 - p_hat(x0)), stage 1's D-VAE
+                r = run(self.models_["stage1"], x0, _stage1, x1=_U8, p_hat=_F16)
+                self.extras_["p_hat"] = nhwc_rows(r["p_hat"])
+                self.stages_["after stage 1"] = nhwc_rows(r["x1"], keep)
+                if files:
+                    self.extra_files_ = {"p_hat": self.staging.path("p_hat")}
+                x1 = source(r["x1"])
+                psnrs["stage1_x0_x1"] = self._psnr(x0, x1)
+            m2 = self.models_["stage2"]
+            x2 = x1
+            if self.config.stage2_subtract:  # x2 = clip(x1 - p_hat(x1)), stage 2's D-VAE
+                r = run(m2, x1, _minus_p("x2"), x2=_U8)
+                self.stages_["after stage 2 subtraction"] = nhwc_rows(r["x2"], keep)
+                x2 = source(r["x2"])
+                psnrs["stage2_x1_x2"] = self._psnr(x1, x2)  # every rank is done with x1 after its all-reduce
+                self.staging.discard("x1", files)
+            x3_arr = run(m2, x2, _x_hat, purified=_U8)["purified"]  # x3 = x_hat(x2)
+            x3 = source(x3_arr)
+            psnrs["stage2_x2_x3"] = self._psnr(x2, x3)
+            psnrs["total_x0_x3"] = self._psnr(x0, x3)
+            self.staging.discard("x2", files)
+        finally:
+            for s in sources:
+                s.close()
+        self.info_ = {"psnr_db": psnrs, **self._info(t0), "preset": self.params.get("preset"),
+                      "p_hat_units": "0..255 pixel units (float16 NHWC)"}
+        return nhwc_rows(x3_arr)
+
+
+class _ReconstructionPurifier(AutoencoderPurifier):
+    """One auto-encoder fitted on the images; purification is its reconstruction ``x_hat``."""
+
+    loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+    def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
+        raise NotImplementedError
+
+    def _limit(self) -> float:
+        return 0.0
+
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        check_geometry(image_shape[0], image_shape[1], self.config.downsample)
+
+    def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        self._start_fit()
+        h, w, c = x.shape[1:]
+        self.check_input((h, w, c))
+        ckpt = self._checkpointer(*self._fingerprint(x, None))
+        x0 = self._source(x, self._plan(x, "fit"))
+        try:
+            self._fit_stage(self.name, lambda: self._build(c, (h, w)), type(self).loss_fn, x0, None, self._limit(),
+                            ckpt, 1)
+        finally:
+            x0.close()
+
+    def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        self._check_fitted()
+        t0 = time.perf_counter()
+        streamed = self._plan(x, "transform")
+        x0 = self._source(x, streamed)
+        try:
+            res = self._pass(self.models_[self.name], x0, None, _x_hat, {"purified": _U8}, streamed or self.dist.active,
+                             tuple(x.shape))["purified"]
+            x3 = self._source(res, streamed)
+            try:
+                total = self._psnr(x0, x3)
+            finally:
+                x3.close()
+        finally:
+            x0.close()
+        self.info_ = {"psnr_db": {"total": total}, **self._info(t0)}
+        return nhwc_rows(res)
+
+
+@DEFENSES.register("vae", "rate-constrained VAE reconstruction (Eq. 3), --kld-limit sweeps")
+class VAEPurifier(_ReconstructionPurifier):
+    """Reconstruction by the rate-constrained VAE of Eq. 3 (the Fig. 2 ``kld_limit`` sweeps)."""
+
+    loss_fn = staticmethod(vae_loss)
+    PARAMS = method_params("vae")
+
+    def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
+        cfg = self.config
+        return RateConstrainedVAE(c, hw, cfg.width, cfg.latent, cfg.downsample)
+
+    def _limit(self) -> float:
+        return self.config.kld_limit
+
+
+@DEFENSES.register("ae", "plain auto-encoder with a width bottleneck (appendix E)")
+class AEPurifier(_ReconstructionPurifier):
+    """Reconstruction by a plain auto-encoder whose bottleneck is its code width (appendix E)."""
+
+    loss_fn = staticmethod(ae_loss)
+    PARAMS = method_params("ae")
+
+    def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
+        cfg = self.config
+        return BottleneckAE(c, hw, cfg.width, cfg.bottleneck, cfg.downsample)
