@@ -202,8 +202,10 @@ def _worker_logs(log_dir: Path, local_rank: int) -> list[Path]:
     return sorted(log_dir.rglob(f"{local_rank}/stderr.log"))
 
 
-def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_interval: float = 0.5) -> int:
-    """Run ``python -m unpoison ARGV`` as ``nproc`` ranks on this machine with ``torch.distributed.run``.
+def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_interval: float = 0.5,
+           module: str = "unpoison") -> int:
+    """Run ``python -m MODULE ARGV`` as ``nproc`` ranks on this machine with ``torch.distributed.run`` (the
+    purify workers: ``unpoison.pipeline.jobs JOB.json``).
 
     Rank 0's output goes to the terminal; the others' to log files (shown only to explain a failure).
     Returns 0, or 2 after one line on stderr saying which rank failed and how."""
@@ -218,7 +220,7 @@ def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_inter
     redirects = ",".join(f"{r}:3" for r in range(1, nproc)) or "0"
     targs = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
                         "--monitor-interval", str(monitor_interval), "--log-dir", str(log_dir),
-                        "--redirects", redirects, "-m", "unpoison"])
+                        "--redirects", redirects, "-m", module])
     targs.training_script_args = list(argv)  # not parsed by torchrun's parser (it would take --nproc as its own)
     quiet = logging.getLogger("torch.distributed")
     level = quiet.level
@@ -264,33 +266,3 @@ def _failure_line(failures: dict[int, Any], log_dir: Path, nproc: int) -> str | 
         return f"rank {f.local_rank}: {said.split(': error: ', 1)[-1]}"
     tail = f": {said}" if said else ""
     return f"{who} exited with code {f.exitcode}{tail}; the other ranks were stopped; {resume}"
-
-
-def purify_in_processes(method: str, params: dict[str, Any], x: Any, y: Any, nproc: int, workdir: str | Path,
-                        seed: int = 0, device: str = "auto") -> tuple[Any, dict[str, Any]]:
-    """Purify ``x`` (uint8 NHWC, labels ``y``) with ``unpoison purify --nproc N`` in a child process: how a
-    benchmark cell given several GPUs (Ray's ``num_gpus``) trains data-parallel on all of them.
-
-    ``x`` and ``y`` go to an ``npy`` folder in ``workdir``; the purified images come back memory-mapped, with
-    the run's manifest statistics. Resumable: a cell run again continues from the checkpoints in ``workdir``."""
-    import json
-    import subprocess
-
-    import numpy as np
-
-    from .data import ImageDataset, load_dataset, save_dataset
-
-    work = Path(workdir)
-    src, out = work / "in", work / "out"
-    save_dataset(ImageDataset(np.asarray(x), np.asarray(y)), src, "npy", overwrite=True)
-    argv = ["purify", str(src), str(out), "--method", method, "--seed", str(seed), "--device", str(device),
-            "--quiet", "--resume", "--overwrite", "--nproc", str(nproc)]
-    for k, v in params.items():
-        if v is not None:
-            argv += [f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v)]
-    r = subprocess.run([sys.executable, "-m", "unpoison", *argv], capture_output=True, text=True)
-    if r.returncode:
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        raise RuntimeError(f"purify --nproc {nproc} failed (exit {r.returncode}): {lines[-1] if lines else ''}")
-    stats = json.loads((work / "out.report" / "manifest.json").read_text())["stats"]
-    return load_dataset(out, mmap=True).x_train, stats

@@ -49,17 +49,6 @@ def printable(text: object) -> str:
     return "".join(out)
 
 
-def check_finite(value: float, what: str) -> float:
-    """``value`` if it is a finite number, else a :class:`UserError` naming ``what``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{what} must be a number, got {printable(value)!s}") from None
-    if not math.isfinite(v):
-        raise UserError(f"{what} must be a finite number, got {v}")
-    return v
-
-
 #: seeds are handed to numpy (< 2**32 after folding), torch (< 2**64) and derived as seed * 1000 + k
 SEED_MAX = 2**32 - 1
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ._registry import Registry
 from .errors import UserError
+from .params import unknown
 
 AUTO = "auto"
 
@@ -66,7 +67,7 @@ class PresetTable:
         if name not in self.table and name in self.aliases:
             name = self.aliases[name]
         if name not in self.table:
-            raise UserError(f"unknown {self.label or self.family} preset {name!r}; known: {', '.join(self.choices())}")
+            raise unknown(f"{self.label or self.family} preset", name, self.choices())
         return name
 
     def values(self, name: str | None, overrides: Mapping[str, Any] | None = None, device: Any = "auto",

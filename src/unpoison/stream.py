@@ -35,7 +35,6 @@ import torch
 
 from .data._limits import human, parse_size
 from .data.rows import NpyWriter, RowReader
-from .utils import psnr_from_mse
 
 #: share of the free memory the default budget allows (the rest is the model's, the OS's, other jobs')
 BUDGET_FRACTION = 0.5
@@ -388,17 +387,3 @@ class NpySink:
 
 #: where a stage's rows go: a device tensor or a ``.npy`` file
 Sink = TensorSink | NpySink
-
-
-def psnr_arrays(a: np.ndarray, b: np.ndarray, chunk_bytes: int = 64 << 20) -> float:
-    """PSNR (dB) between two uint8 NHWC arrays of any size, read in chunks (memmaps from their files)."""
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
-    step = max(1, chunk_bytes // max(1, int(np.prod(a.shape[1:]))))
-    sse, count = 0.0, 0
-    with RowReader(a) as ra, RowReader(b) as rb:
-        for i in range(0, len(a), step):
-            d = (ra.read(i, i + step).astype(np.float64) - rb.read(i, i + step).astype(np.float64)) / 255.0
-            sse += float(np.square(d).sum())
-            count += d.size
-    return psnr_from_mse(sse / max(count, 1))

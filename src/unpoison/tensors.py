@@ -55,13 +55,6 @@ def rng_scope(seed: int, device: str | torch.device | None = None) -> Iterator[N
         yield
 
 
-def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed`` (the local RNG every random draw should use)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g
-
-
 def to_device_images(x: np.ndarray, device: torch.device | str, chunk: int = 8192) -> torch.Tensor:
     """uint8 NHWC numpy (maybe memory-mapped) -> uint8 NCHW tensor on ``device``, in chunks."""
     out = torch.empty((len(x), x.shape[3], x.shape[1], x.shape[2]), dtype=torch.uint8, device=device)

@@ -127,12 +127,32 @@ def psnr_from_mse(mse: float) -> float:
     return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
 
 
-def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    """PSNR in dB between two uint8 (0..255) or float (0..1) image batches, over the whole batch."""
-    a_t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a)
-    b_t = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b)
+def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, chunk_bytes: int = 64 << 20) -> float:
+    """PSNR in dB between two uint8 (0..255) or float (0..1) image batches, over the whole batch.
+
+    The one PSNR: arrays larger than ``chunk_bytes`` (memory-mapped splits) are read in chunks of rows, in
+    file order, so memory stays bounded; smaller ones in one pass."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a.nbytes <= chunk_bytes:
+        return psnr_from_mse(_sq_err(np.asarray(a) if not isinstance(a, torch.Tensor) else a,
+                                     np.asarray(b) if not isinstance(b, torch.Tensor) else b).mean().item())
+    from .data.rows import RowReader  # data imports utils: below it only here
+
+    step = max(1, chunk_bytes // max(1, int(a.nbytes // max(1, len(a)))))
+    sse, count = 0.0, 0
+    with RowReader(a) as ra, RowReader(b) as rb:
+        for i in range(0, len(a), step):
+            d = _sq_err(ra.read(i, i + step), rb.read(i, i + step))
+            sse += d.sum().item()
+            count += d.numel()
+    return psnr_from_mse(sse / max(count, 1))
+
+
+def _sq_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+    a_t, b_t = torch.as_tensor(a), torch.as_tensor(b)
     scale = 255.0 if a_t.dtype == torch.uint8 else 1.0
-    return psnr_from_mse(((a_t.double() - b_t.double()) / scale).pow(2).mean().item())
+    return ((a_t.double() - b_t.double()) / scale).pow(2)
 
 
 def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from ..params import check_params
+from ..params import check_params, unknown
 from .grid import Cell
 from .run import KINDS, Kind, load_for_cell, subset_args
 
@@ -86,9 +86,9 @@ def _check_table(cfg: dict[str, Any]) -> list[str]:
     t = cfg.get("table") or {}
     if not isinstance(t, dict):
         return ["'table' must be a mapping"]
-    out = [f"table: unknown key {k!r}; known: {', '.join(sorted(_TABLE_KEYS))}" for k in sorted(set(t) - _TABLE_KEYS)]
+    out = [f"table: {unknown('key', k, sorted(_TABLE_KEYS))}" for k in sorted(set(t) - _TABLE_KEYS)]
     if t.get("layout", "grid") not in _LAYOUTS:
-        out.append(f"table: unknown layout {t.get('layout')!r}; known: {', '.join(_LAYOUTS)}")
+        out.append(f"table: {unknown('layout', t.get('layout'), _LAYOUTS)}")
     axes = set(cfg.get("axes") or {}) | {"dataset", "attack", "defense", "model", "seed"}
     for k in ("rows", "cols"):
         if k in t and t[k] not in axes:
@@ -209,8 +209,7 @@ def _check_defense(c: dict[str, Any], k: Kind, data: DataFacts) -> None:
             raise UserError(f"kind {k.name!r} needs a purifier, not the training-time defense {name!r}")
         make_train_defense(name, **d["params"])
     else:
-        known = ", ".join(["none", *DEFENSES.names(), *TRAIN_DEFENSES.names()])
-        raise UserError(f"unknown defense {name!r}; known: {known}")
+        raise unknown("defense", name, ["none", *DEFENSES.names(), *TRAIN_DEFENSES.names()])
 
 
 def _purifier(name: str, params: dict[str, Any], c: dict[str, Any], data: DataFacts, need: str,

@@ -49,6 +49,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..params import unknown
 from ..presets import PresetTable, register_presets
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -112,7 +113,7 @@ def load_config(spec: str | Path, preset: str | None = None, datasets: list[str]
         raise UserError("'presets' must map preset names to mappings", path)
     for name, over in presets.items():
         if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r} in 'presets'; known: {', '.join(PRESETS)}", path)
+            raise UserError(f"{unknown('preset', name, PRESETS)} (in 'presets')", path)
         _check_top_keys(over or {}, path, f"preset {name!r}: ")
     chosen = None
     if preset is not None:

@@ -140,10 +140,10 @@ class CellContext:
     # --- attack (cached) ----------------------------------------------------------------------
     def poison(self, ds: ImageDataset, ratio: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Poisoned copy of the training split, poisoned indices, attack info (from the content-keyed cache)."""
-        from ..attacks import ATTACKS, make_attack
+        from ..attacks import ATTACKS
 
         a = self.c["attack"]
-        x, y = ds.x_train, ds.y_train
+        x = ds.x_train
         ratio = float(ratio if ratio is not None else a.get("ratio", self.c.get("ratio", 1.0)))
         if a["name"] == "none":
             return x, np.zeros(0, dtype=np.int64), {"attack": "none"}
@@ -162,9 +162,13 @@ class CellContext:
                     if z["x"].shape == x.shape:
                         self.extra.setdefault("attack_cache", []).append({"path": str(path), "hit": True})
                         return z["x"], z["indices"], json.loads(str(z["info"]))
-            atk = make_attack(a["name"], eps=eps, seed=self.seed, device=self.device, progress=self.progress,
-                              checkpoint_dir=str(cache / f"{a['name']}-{key}.ckpt"), resume=True, **kw)
-            res = atk.poison(x, y, ratio=ratio)
+            from ..pipeline import poison_dataset
+
+            checkpoints = ATTACKS.get(a["name"]).supports_checkpoint
+            res = poison_dataset(ds, a["name"], {k: v for k, v in kw.items() if k != "preset"}, eps=eps,
+                                 ratio=ratio, seed=self.seed, device=self.device, progress=self.progress,
+                                 preset=kw.get("preset", "paper"), checkpoint_dir=cache / f"{a['name']}-{key}.ckpt",
+                                 resume=checkpoints)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, x=res.x, indices=res.indices, info=np.array(json.dumps(res.info, default=str)))
             self.extra.setdefault("attack_cache", []).append({"path": str(path), "hit": False})
@@ -183,6 +187,31 @@ class CellContext:
         ckpt = str(self.dir / "ckpt" / sub) if DEFENSES.get(name).supports_checkpoint else None
         return make_purifier(name, device=self.device, seed=self.seed, progress=self.progress,
                              checkpoint_dir=ckpt, resume=ckpt is not None, **kw)
+
+    def purify(self, ds: ImageDataset, x_p: np.ndarray, idx: np.ndarray, name: str | None = None,
+               params: dict[str, Any] | None = None) -> Any:
+        """:func:`unpoison.pipeline.purify_dataset` of the poisoned split ``x_p`` (``idx``: its poisoned rows),
+        measured against the clean images with the residual grid; data-parallel when the cell's ``resources``
+        give it several GPUs (``num_gpus``) or processes (``nproc``)."""
+        from ..defenses import DEFENSES
+        from ..pipeline import measure_against_clean, purify_dataset, purify_in_processes
+
+        d = self.c["defense"]
+        name = name or d["name"]
+        title = f"{self.c['attack']['label']} / {d['label']}: p, p_hat, p - p_hat"
+        res = self.c.get("resources") or {}
+        nproc = int(res.get("nproc") or res.get("num_gpus") or 1)
+        poisoned = ds.replace(x_train=x_p)
+        if nproc > 1 and DEFENSES.get(name).supports_streaming:  # several GPUs: one data-parallel rank each
+            with self.timer("purify"):
+                out = purify_in_processes(poisoned, name, d["params"] if params is None else params, nproc,
+                                          self.dir / "nproc", self.seed, str(self.device))
+            with self.timer("measure"):
+                out.measured = measure_against_clean(ds.x_train, x_p, out.images, {}, out.p_hat, ds.y_train, idx,
+                                                     self.dir / "residual.png", title)
+            return out
+        return purify_dataset(poisoned, name, purifier=self.purifier(name, params), clean=ds, poisoned_idx=idx,
+                              residual_grid=self.dir / "residual.png", grid_title=title, timer=self.timer)
 
     def train_config(self, **changes: Any) -> Any:
         """The cell's scoring config: ``train:`` with the defense entry's ``train:`` on top, then ``changes``."""
@@ -221,26 +250,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _measure(ctx: CellContext, x_clean: np.ndarray, x_p: np.ndarray, idx: np.ndarray, stages: dict[str, Any],
-             p_hat: np.ndarray | None, x_out: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Every stage of a purifier (``stages``, its stage-1 ``p_hat``) against the clean images (the report's
-    per-stage numbers), and the residual grid (``residual.png``: p, p_hat, p - p_hat, output - clean) of up
-    to 8 poisoned images."""
-    from ..disentangle import headline, purification_report, save_residual_grid, true_perturbation
-
-    with ctx.timer("measure"):
-        rep = purification_report(x_clean, x_p, x_out, stages, p_hat, y, subset=idx)
-        if len(idx):
-            show = np.sort(np.asarray(idx))[:8]
-            save_residual_grid(true_perturbation(x_clean[show], x_p[show]),
-                               None if p_hat is None else np.asarray(p_hat)[show], ctx.dir / "residual.png",
-                               x0=x_p[show],
-                               left={"output - clean": x_out[show].astype(np.float32) - x_clean[show]},
-                               title=f"{ctx.c['attack']['label']} / {ctx.c['defense']['label']}: p, p_hat, "
-                                     "p - p_hat")
-    return {"disentangle": rep, **headline(rep)}
-
-
 # --- experiment kinds --------------------------------------------------------------------------------------
 @kind("purify", "attack -> pre-training purifier or training-time defense -> clean test accuracy",
       params={"no_aug_column": Param(bool, False, "also score without crop + flip (what the augmentation defeats)")})
@@ -255,31 +264,18 @@ def kind_purify(ctx: CellContext) -> dict[str, Any]:
     from ..defenses import DEFENSES
 
     if d["name"] != "none" and d["name"] in DEFENSES:
-        res = ctx.c.get("resources") or {}
-        nproc = int(res.get("nproc") or res.get("num_gpus") or 1)
-        if nproc > 1 and DEFENSES.get(d["name"]).supports_streaming:  # several GPUs: one data-parallel rank each
-            from ..distributed import purify_in_processes
-
-            with ctx.timer("purify"):
-                x_mm, info = purify_in_processes(d["name"], d["params"], x_p, ds.y_train, nproc, ctx.dir / "nproc",
-                                                    ctx.seed, str(ctx.device))
-            x_train, stages = np.array(x_mm), {}  # a cell's set is small: in memory for its PSNRs and grid
-            p_file = ctx.dir / "nproc" / "out.report" / "p_hat.npy"  # the run's report keeps stage 1's p_hat
-            p_hat = np.load(p_file) if p_file.is_file() else None
-        else:
-            pur = ctx.purifier()
-            with ctx.timer("purify"):
-                x_train = pur.fit_purify(x_p, ds.y_train)
-            info, stages, p_hat = pur.info_, pur.stages_, pur.extras_.get("p_hat")
-        out["defense_info"] = info
-        out["psnr"] = psnr(x_p, x_train)
-        out["psnr_clean"] = psnr(ds.x_train, x_train)
+        from ..disentangle import headline
         from ..viz import residual_image
 
-        ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **stages, "purified": x_train,
+        r = ctx.purify(ds, x_p, idx)
+        x_train = r.images
+        out["defense_info"] = r.info
+        out["psnr"] = r.psnr_input_output
+        out["psnr_clean"] = psnr(ds.x_train, x_train)
+        ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, **r.stages, "purified": x_train,
                        "residual": residual_image(x_p, x_train)},
                       f"{ctx.c['attack']['label']} / {d['label']}: PSNR {out['psnr']:.2f} dB")
-        out.update(_measure(ctx, ds.x_train, x_p, idx, stages, p_hat, x_train, ds.y_train))
+        out.update({"disentangle": r.measured, **headline(r.measured)})
     elif d["name"] != "none":
         from ..defenses import make_train_defense
 
@@ -322,22 +318,20 @@ def kind_disentangle_check(ctx: CellContext) -> dict[str, Any]:
     """Purify (both stages), measure every stage against the clean images, then the paper's Table 1 check: a
     classifier trained on clean + p_hat, scored on the clean training images T, the clean test images D and the
     poisoned images P (defense ``none`` means dvae)."""
-    from ..disentangle import table1_check
+    from ..disentangle import headline, table1_check
     from ..viz import residual_image
 
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds)
     d = ctx.c["defense"]
     name = d["name"] if d["name"] != "none" else "dvae"
-    pur = ctx.purifier(name, d["params"] if d["name"] != "none" else {})
-    with ctx.timer("purify"):
-        x_out = pur.fit_purify(x_p, ds.y_train)
-    p_hat = pur.extras_.get("p_hat")
+    r = ctx.purify(ds, x_p, idx, name, d["params"] if d["name"] != "none" else {})
+    x_out, p_hat = r.images, r.p_hat
     if p_hat is None:
         raise UserError(f"defense {name!r} exposes no stage-1 p_hat; the disentangle check needs one (e.g. dvae)")
-    out: dict[str, Any] = {"attack_info": ainfo, "defense_info": pur.info_, "n_poisoned": int(len(idx)),
-                           "psnr": psnr(x_p, x_out), "psnr_clean": psnr(ds.x_train, x_out)}
-    out.update(_measure(ctx, ds.x_train, x_p, idx, pur.stages_, p_hat, x_out, ds.y_train))
+    out: dict[str, Any] = {"attack_info": ainfo, "defense_info": r.info, "n_poisoned": int(len(idx)),
+                           "psnr": r.psnr_input_output, "psnr_clean": psnr(ds.x_train, x_out),
+                           "disentangle": r.measured, **headline(r.measured)}
     with ctx.timer("train"):
         t1 = table1_check(ds.x_train, ds.y_train, p_hat, x_p, ds.x_test, ds.y_test, ctx.train_config(), ctx.seed,
                           ctx.device, ctx.progress, ds.classes)
@@ -345,7 +339,7 @@ def kind_disentangle_check(ctx: CellContext) -> dict[str, Any]:
     x_hat = add_perturbation(ds.x_train, p_hat)
     corr = out.get("stage1_corr")
     ctx.save_grid({"clean": ds.x_train, "poisoned": x_p, "clean + p_hat": x_hat,
-                   "p_hat": residual_image(x_hat, ds.x_train), **pur.stages_, "purified": x_out},
+                   "p_hat": residual_image(x_hat, ds.x_train), **r.stages, "purified": x_out},
                   f"{ctx.c['attack']['label']}: disentangled p_hat, corr(p_hat, p) "
                   f"{'n/a' if corr is None else f'{corr:.2f}'}")
     return out

@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from importlib import import_module
 
 from .. import __version__
@@ -80,15 +81,12 @@ def _silence_stdout() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if a in COMMANDS), None)
-    prefix = f"unpoison {command}" if command else "unpoison"
+def run_guarded(prefix: str, fn: Callable[[], int]) -> int:
+    """``fn()``'s exit code, with the promise every command keeps: a :class:`UserError` (and the environment's
+    errors: disk, memory, a closed pipe) is one line on stderr and exit code 2; anything else is a bug and
+    keeps its traceback. The command line and the purify workers run under it."""
     try:
-        args = build_parser(argv).parse_args(argv)
-        args.argv = list(argv)  # a launcher (purify --nproc) reruns it per rank
-        check_args(args)
-        rc = int(args.func(args) or 0)
+        rc = int(fn() or 0)
         sys.stdout.flush()  # inside the try: `unpoison info X | head` fails here, not at exit
         return rc
     except UserError as e:
@@ -108,6 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch
             return _fail(prefix, f"out of device memory: {str(e).splitlines()[0]} (try a smaller --batch-size)")
         raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    prefix = f"unpoison {command}" if command else "unpoison"
+
+    def go() -> int:
+        args = build_parser(argv).parse_args(argv)
+        args.argv = list(argv)
+        check_args(args)
+        return int(args.func(args) or 0)
+
+    return run_guarded(prefix, go)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,6 @@ import argparse
 import re
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -116,41 +115,3 @@ def given_params(args: argparse.Namespace, known: Mapping[str, Any] | None = Non
     if unused:
         raise UserError(f"{owner} takes no {', '.join('--' + u.replace('_', '-') for u in unused)}")
     return given
-
-
-def check_file_output(output: str | Path, specs: list[str | None], overwrite: bool,
-                      sources: list[Any] | tuple[Any, ...] = ()) -> None:
-    """Refuse a file OUT (a CSV, a JSON record, a checkpoint) before any work: :mod:`unpoison.outputs`.
-
-    Called once before loading (``specs``: the input specs) and once after (``sources``: the loaded
-    datasets' resolved locations)."""
-    from ..data import spec_path
-    from ..outputs import check_output
-
-    inputs = [spec_path(s) if s else None for s in specs] + list(sources)
-    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=False, dataset=False)
-
-
-def report_dir(output: str | Path) -> Path:
-    """``OUT.report/``: the folder beside a dataset output that holds its manifest, grid and arrays."""
-    out = Path(output).expanduser()
-    return out.with_name(out.name + ".report")
-
-
-def check_dataset_output(output: str | Path, input_spec: str, overwrite: bool, ds: Any = None,
-                         fmt: str | None = None) -> None:
-    """Refuse a dataset OUT (and its report folder) before any work: see :mod:`unpoison.outputs`.
-
-    Called once before loading (existence, OUT = IN) and once after (``ds`` known: the output's
-    kind, file or folder, and the input's resolved location).
-    """
-    from ..data import output_format, spec_path
-    from ..outputs import check_output, guard_inputs
-
-    inputs = [spec_path(input_spec)] + ([ds.source] if ds is not None else [])
-    is_dir = output_format(ds, output, fmt).writes_dir if ds is not None else None
-    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=is_dir)
-    rdir = report_dir(output)
-    guard_inputs(rdir, inputs)
-    if rdir.exists() and not rdir.is_dir():
-        raise UserError("exists and is not a folder (the report folder of the output)", rdir)

@@ -53,9 +53,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..attacks import ATTACKS, make_attack
-    from ..defenses import make_purifier
+    from ..attacks import ATTACKS
     from ..evaluate import evaluate
+    from ..pipeline import poison_dataset, purify_dataset
     from ..train import TrainConfig
 
     if args.n_train < 20:
@@ -74,16 +74,13 @@ def run(args: argparse.Namespace) -> int:
     say = print if progress else (lambda *a, **k: None)
     say(f"[1/4] {ds.source}: {len(ds.x_train)} training / {len(ds.x_test)} test images "
         f"{'x'.join(map(str, ds.image_shape))}; poisoning with {args.attack}")
-    with timer("poison"):
-        atk = make_attack(args.attack, seed=args.seed, device=args.device, progress=progress,
-                          preset=ATTACKS.get(args.attack).presets().resolve(preset))
-        res = atk.poison(ds.x_train, ds.y_train)
+    res = poison_dataset(ds, args.attack, seed=args.seed, device=args.device, progress=progress,
+                         preset=ATTACKS.get(args.attack).presets().resolve(preset), timer=timer)
     x_clean, x_pois = ds.x_train, res.x
     say(f"[2/4] purifying with D-VAE ({preset} preset)")
-    purifier = make_purifier("dvae", preset=preset, epochs=args.dvae_epochs, seed=args.seed,
-                             device=args.device, progress=progress)
-    with timer("purify"):
-        x_pur = purifier.fit_purify(x_pois, ds.y_train)
+    pur = purify_dataset(ds.replace(x_train=x_pois), "dvae", {"epochs": args.dvae_epochs}, preset=preset,
+                         seed=args.seed, device=args.device, progress=progress, timer=timer)
+    x_pur = pur.images
     cfg = TrainConfig.preset(args.score_preset or preset, epochs=args.score_epochs)
     cfg.eval_every = 5  # last-epoch accuracy is the score; testing 10k images every epoch costs ~45 s in all
     rows: dict[str, dict[str, Any]] = {}
@@ -107,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"poison drop: {verdict['poison_drop_points']:.1f} points; purified gap to clean: "
           f"{verdict['purified_gap_points']:.1f} points")
     config = {"data": args.data, "n_train": len(x_clean), "n_test": len(ds.x_test), "attack": args.attack,
-              "attack_info": res.info, "dvae_preset": preset, "dvae_config": purifier.info_.get("config"),
+              "attack_info": res.info, "dvae_preset": preset, "dvae_config": pur.info.get("config"),
               "score_config": vars(cfg)}
-    results = {"rows": rows, "verdict": verdict, "dvae_info": purifier.info_, "timings_s": timer.times}
-    _write(Path(args.out), table, verdict, config, results, args, timer, x_clean, x_pois, x_pur, purifier.stages_)
+    results = {"rows": rows, "verdict": verdict, "dvae_info": pur.info, "timings_s": timer.times}
+    _write(Path(args.out), table, verdict, config, results, args, timer, x_clean, x_pois, x_pur, pur.stages)
     print(f"wrote {args.out}/ (results.md, results.json, manifest.json, grid.png)")
     return 0
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset, check_file_output
+from ..outputs import check_file_output
+from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
 
 
 def _tables() -> list:

@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 
 from ..data import load_dataset
+from ..outputs import check_file_output
 from ..utils import Timer, manifest, write_json
-from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset, check_file_output
+from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from ..data import load_dataset
 from ..defenses import TRAIN_DEFENSES
 from ..errors import UserError
 from ..models import list_models
-from ..outputs import policy_for
+from ..outputs import check_file_output, policy_for
 from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, write_json
 from ._common import (
@@ -24,7 +24,6 @@ from ._common import (
     add_preset,
     add_quiet,
     announce_preset,
-    check_file_output,
     given_params,
     peek,
 )

@@ -22,6 +22,7 @@ from pathlib import Path
 from .._registry import Registry
 from ..errors import UserError, printable
 from ..outputs import atomic_path, guard_inputs, policy_for, recover, write_marker
+from ..params import unknown
 from . import formats  # noqa: F401  (registers the formats)
 from ._format import FORMATS, DatasetFormat
 from .dataset import ImageDataset
@@ -99,7 +100,7 @@ def _synthetic_options(arg: str) -> dict[str, int]:
         k, _, v = part.partition("=")
         k = k.strip()
         if k not in _SYNTHETIC:
-            raise UserError(f"unknown synthetic option {printable(k)!r}; known: {', '.join(_SYNTHETIC)}")
+            raise unknown("synthetic option", printable(k), _SYNTHETIC)
         try:
             val = int(v)
         except ValueError:

@@ -185,11 +185,3 @@ def _split_facts(x: np.ndarray, y: np.ndarray, k: int) -> dict[str, object]:
         "per_class": np.bincount(y, minlength=k).tolist(),
         "memory_mapped": isinstance(x, np.memmap),
     }
-
-
-def as_labels(y: np.ndarray) -> np.ndarray:
-    return np.asarray(y).astype(np.int64, copy=False)
-
-
-def source_name(path: str | Path) -> str:
-    return str(path)

@@ -168,12 +168,6 @@ class RowReader(_FdHandle):
             self.close()
 
 
-def read_range(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of ``x`` as a fresh array, from the file when ``x`` is a memmap (no RSS kept)."""
-    with RowReader(x) as r:
-        return r.read(start, stop)
-
-
 def _write_header(f: object, shape: tuple[int, ...], dtype: np.dtype) -> None:
     d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     try:
