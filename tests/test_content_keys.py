@@ -89,7 +89,7 @@ def test_dvae_resume_refuses_changed_images(tmp_path) -> None:
 
 # --- non-finite: stop, one line, exit 2, nothing written ---------------------------------------------------------
 def test_dvae_nan_loss_stops_before_the_epoch_is_checkpointed(tmp_path, monkeypatch) -> None:
-    from unpoison.defenses import dvae
+    from unpoison.defenses.dvae import purifiers as dvae
 
     real = dvae.dvae_loss
 

@@ -150,7 +150,8 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, chunk_bytes
 
 
 def _sq_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
-    a_t, b_t = torch.as_tensor(a), torch.as_tensor(b)
+    a_t, b_t = (t if isinstance(t, torch.Tensor) else torch.as_tensor(t if t.flags.writeable else np.array(t))
+                for t in (a, b))
     scale = 255.0 if a_t.dtype == torch.uint8 else 1.0
     return ((a_t.double() - b_t.double()) / scale).pow(2)
 

@@ -13,7 +13,7 @@ which is the shortcut.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ class AR(Attack):
     norm = "l2"
     norms = ("l2", "linf")
     default_eps: ClassVar[dict[str, float]] = {"l2": 1.0, "linf": 8 / 255}
+    SMOKE: ClassVar[dict[str, Any]] = {"crop": 2}
     PARAMS: ClassVar[dict[str, Param]] = {
         "crop": Param(int, 4, "rows/columns generated before the image and dropped (start-up margin)", low=0),
         "max_peak": Param(float, 5.0, "keep only filters whose noise has peak/rms below this (stable recursions)",

@@ -207,6 +207,9 @@ class Attack:
     PARAMS: ClassVar[dict[str, Param]] = {}
     #: preset name -> parameter overrides ("paper" is PARAMS' defaults)
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {}}
+    #: the smallest settings (preset and parameters) that still run every code path: what the contract test
+    #: (tests/test_contract.py) and quick checks build it with
+    SMOKE: ClassVar[dict[str, Any]] = {}
     uses_surrogate: ClassVar[bool] = False
     supports_checkpoint: ClassVar[bool] = False
 

@@ -25,6 +25,8 @@ class EM(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
+    SMOKE: ClassVar[dict[str, Any]] = {
+        "preset": "cpu", "surrogate": "tinycnn", "rounds": 1, "pgd_steps": 2, "train_steps": 2}
     PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
         "rounds": Param(int, 100, "most outer rounds (each: train_steps model steps, pgd_steps noise steps)", low=1),

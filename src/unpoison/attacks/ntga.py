@@ -56,6 +56,7 @@ class NTGA(Attack):
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
     uses_surrogate = True
+    SMOKE: ClassVar[dict[str, Any]] = {"preset": "cpu", "block_size": 16, "val_size": 16, "pgd_steps": 2}
     PARAMS: ClassVar[dict[str, Param]] = {
         "block_size": Param(int, 4000, "images perturbed together (one kernel-regression training set)", low=1),
         "val_size": Param(int, 2000, "clean images the kernel regressor is scored on per block", low=0),

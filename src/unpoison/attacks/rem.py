@@ -27,6 +27,8 @@ class REM(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
+    SMOKE: ClassVar[dict[str, Any]] = {
+        "preset": "cpu", "surrogate": "tinycnn", "rounds": 1, "pgd_steps": 1, "train_steps": 2}
     PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
         "rounds": Param(int, 100, "most outer rounds", low=1),

@@ -35,6 +35,9 @@ class SEP(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
+    SMOKE: ClassVar[dict[str, Any]] = {
+        "preset": "cpu", "surrogate": "tinycnn", "train_epochs": 2, "n_checkpoints": 2, "pgd_steps": 2,
+        "vr_inner": 1}
     PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
         "train_epochs": Param(int, 120, "epochs of the clean training run that yields the checkpoints", low=1),

@@ -28,6 +28,7 @@ class TAP(SurrogateAttack):
     norm = "linf"
     norms = ("linf", "l2")
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255, "l2": 1.0}
+    SMOKE: ClassVar[dict[str, Any]] = {"preset": "cpu", "surrogate": "tinycnn", "train_epochs": 1, "pgd_steps": 2}
     PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
         "train_epochs": Param(int, 40, "epochs of clean surrogate training", low=1),

@@ -226,6 +226,19 @@ class AvatarPurifier(Purifier):
     def required_files(self) -> list[str]:
         return [self.checkpoint]
 
+    @classmethod
+    def smoke(cls, workdir: Path, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+        """A toy DDPM trained for one epoch on synthetic images of ``image_shape``, denoising from t* = 2."""
+        from ..data import make_synthetic
+
+        h, w, c = image_shape
+        path = Path(workdir) / "avatar-smoke.pt"
+        if not path.is_file():
+            ds = make_synthetic(n=16, size=h, channels=c, classes=2, seed=0)
+            model, cfg, _ = train_diffusion(ds, "toy", epochs=1, device="cpu", progress=False)
+            save_checkpoint(path, cfg, model)
+        return {"checkpoint": str(path), "t_star": 2}
+
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         dev = pick_device(self.device)
         model, cfg = load_checkpoint(self.checkpoint, dev)

@@ -11,6 +11,7 @@ that the scoring protocol applies to every batch (see :data:`unpoison.train.Trai
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,15 @@ class Purifier:
 
     def get_params(self) -> dict[str, Any]:
         return dict(self.params)
+
+    #: the smallest settings (preset and parameters) that still run every code path (see :meth:`smoke`)
+    SMOKE: dict[str, Any] = {}
+
+    @classmethod
+    def smoke(cls, workdir: Path, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+        """Settings for a quick build on tiny images of ``image_shape`` (the contract test,
+        tests/test_contract.py); a purifier that needs a file makes one in ``workdir``."""
+        return dict(cls.SMOKE)
 
     def check_input(self, image_shape: tuple[int, int, int]) -> None:
         """Raise :class:`UserError` if images of ``image_shape`` (H, W, C) cannot be purified (no data needed)."""

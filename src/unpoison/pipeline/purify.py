@@ -71,10 +71,12 @@ def build_purifier(method: str, params: dict[str, Any] | None = None, *, preset:
     the streaming settings only for those that stream."""
     cls = DEFENSES.get(method)
     streams = cls.supports_streaming
+    params = dict(params or {})
+    preset = params.pop("preset", None) or preset
     return make_purifier(method, device=device, seed=seed, progress=progress, preset=preset,
                          checkpoint_dir=str(checkpoint_dir) if checkpoint_dir and cls.supports_checkpoint else None,
                          resume=resume, memory_budget=memory_budget if streams else None,
-                         dist=dist if streams else None, **dict(params or {}))
+                         dist=dist if streams else None, **params)
 
 
 def purify_dataset(ds: ImageDataset, method: str = "dvae", params: dict[str, Any] | None = None, *,

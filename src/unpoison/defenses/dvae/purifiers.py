@@ -51,6 +51,7 @@ class DVAEPurifier(AutoencoderPurifier):
 
     needs_labels = True
     PARAMS = method_params("dvae")
+    SMOKE = {"preset": "cpu", "epochs": 1, "width": 4, "width1": 4, "latent": 4}
 
     def check_input(self, image_shape: tuple[int, int, int]) -> None:
         h, w, _ = image_shape
@@ -236,6 +237,7 @@ class VAEPurifier(_ReconstructionPurifier):
 
     loss_fn = staticmethod(vae_loss)
     PARAMS = method_params("vae")
+    SMOKE = {"preset": "cpu", "epochs": 1, "width": 4, "latent": 4}
 
     def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
         cfg = self.config
@@ -251,6 +253,7 @@ class AEPurifier(_ReconstructionPurifier):
 
     loss_fn = staticmethod(ae_loss)
     PARAMS = method_params("ae")
+    SMOKE = {"preset": "cpu", "epochs": 1, "width": 4, "latent": 4}
 
     def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
         cfg = self.config
