@@ -53,7 +53,7 @@ def check_grid(cells: list[Cell], cfg: dict[str, Any]) -> list[str]:
             found.setdefault(str(e), []).append(cell.key)
             continue
         data: DataFacts | None = None
-        if k.name != "theorem2":
+        if k.data:
             arg = subset_args(c)
             if arg not in facts:
                 facts[arg] = _data_facts(arg, general)
@@ -101,10 +101,11 @@ def _check_params(k: Kind, params: dict[str, Any]) -> None:
 
 
 def _steps(k: Kind) -> list[Any]:
-    """The checks a cell of kind ``k`` gets, each run on its own so that one cell can show several problems."""
-    if k.name == "train-diffusion":
-        return [_step_params, _step_diffusion]
-    return [_step_params, _step_train, _step_attack, _step_defense]
+    """The checks a cell of kind ``k`` gets (its declared ``checks``), each run on its own so that one cell can
+    show several problems."""
+    steps = {"params": _step_params, "train": _step_train, "attack": _step_attack, "defense": _step_defense,
+             "diffusion": _step_diffusion}
+    return [steps[n] for n in k.checks]
 
 
 def _step_params(cell: Cell, k: Kind, data: DataFacts | None, built: set[tuple[Any, ...]]) -> None:
@@ -133,7 +134,7 @@ def _step_defense(cell: Cell, k: Kind, data: DataFacts | None, built: set[tuple[
 
 def _ratio(c: dict[str, Any], k: Kind, n: int) -> float:
     """The cell's poison ratio; it must poison at least one of the ``n`` training images."""
-    r = c["attack"].get("ratio", c.get("ratio", 0.01 if k.name == "amplify" else 1.0))
+    r = c["attack"].get("ratio", c.get("ratio", k.ratio))
     try:
         r = float(r)
     except (TypeError, ValueError):
@@ -190,19 +191,19 @@ def _check_defense(c: dict[str, Any], k: Kind, data: DataFacts) -> None:
 
     d = c["defense"]
     name = d["name"]
-    if k.name in ("detect", "partial"):
+    if k.detector:
         p = c.get("params") or {}
         det = p.get("detector", "dvae")
         dparams = p.get("detector_params", d["params"] if name == "dvae" else {}) or {}
         _purifier(det, dparams, c, data, need="stage1", what="detector ")
     if name == "none":
-        if k.defense in ("stage1", "apply") and k.name not in ("detect",):
+        if k.defense in ("stage1", "apply") and k.builds_defense:
             _purifier("dvae", {}, c, data, need=k.defense)
         return
     if name in DEFENSES:
         if k.defense == "none":
             raise UserError(f"kind {k.name!r} takes no defense, got {name!r}")
-        if k.name != "detect":
+        if k.builds_defense:
             _purifier(name, d["params"], c, data, need=k.defense)
     elif name in TRAIN_DEFENSES:
         if k.defense != "any":

@@ -58,7 +58,11 @@ class Kind:
     ``params``: the ``params:`` keys it reads (:class:`~unpoison.params.Param`). ``defense``: what its defense axis
     may name: ``any`` (none, a purifier or a training-time defense), ``purifier`` (none or a purifier),
     ``stage1`` (a purifier exposing a stage-1 ``p_hat``; none means dvae), ``apply`` (like stage1, and
-    able to infer ``p_hat`` on new images), ``none``.
+    able to infer ``p_hat`` on new images), ``none``. The rest is what the check before a grid does with
+    its cells, declared here rather than known by name in :mod:`unpoison.bench.check`: ``checks`` (the steps,
+    by name: params, train, attack, defense, diffusion), ``data`` (whether a cell loads a dataset),
+    ``detector`` (its ``params`` name a purifier that flags samples), ``builds_defense`` (whether the defense
+    entry is built as a purifier), ``ratio`` (the poison ratio when a cell names none).
     """
 
     name: str
@@ -66,18 +70,23 @@ class Kind:
     help: str
     params: dict[str, Param] = field(default_factory=dict)
     defense: str = "any"
+    checks: tuple[str, ...] = ("params", "train", "attack", "defense")
+    data: bool = True
+    detector: bool = False
+    builds_defense: bool = True
+    ratio: float = 1.0
 
 
 #: experiment functions, selected by a cell's ``kind``
 KINDS: Registry[Kind] = Registry("cell kind")
 
 
-def kind(name: str, help: str, params: dict[str, Param] | None = None,  # noqa: A002
-         defense: str = "any") -> Callable[[KindFn], KindFn]:
-    """Register an experiment function as cell kind ``name``."""
+def kind(name: str, help: str, params: dict[str, Param] | None = None, defense: str = "any",  # noqa: A002
+         **declared: Any) -> Callable[[KindFn], KindFn]:
+    """Register an experiment function as cell kind ``name`` (``declared``: the rest of :class:`Kind`)."""
 
     def deco(fn: KindFn) -> KindFn:
-        KINDS.register(name, help)(Kind(name, fn, help, dict(params or {}), defense))
+        KINDS.register(name, help)(Kind(name, fn, help, dict(params or {}), defense, **declared))
         return fn
 
     return deco
@@ -377,7 +386,7 @@ _DETECT_PARAMS: dict[str, Param] = {
 
 
 @kind("detect", "Table 7: flag poisoned samples from D-VAE's stage-1 p_hat (acc, recall, precision, F1)",
-      params=_DETECT_PARAMS, defense="stage1")
+      params=_DETECT_PARAMS, defense="stage1", detector=True, builds_defense=False)
 def kind_detect(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds, ratio=float(ctx.c.get("ratio", 1.0)))
@@ -390,7 +399,7 @@ def kind_detect(ctx: CellContext) -> dict[str, Any]:
 
 @kind("partial", "Table 8: poison a fraction; detect, then purify only the flagged part (or all)",
       params={**_DETECT_PARAMS, "detect_first_for": Param(list, ["dvae"], "defenses that purify only flagged images")},
-      defense="purifier")
+      defense="purifier", detector=True)
 def kind_partial(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds, ratio=float(ctx.c.get("ratio", 1.0)))
@@ -427,10 +436,11 @@ def kind_partial(ctx: CellContext) -> dict[str, Any]:
     return out
 
 
-@kind("amplify", "Sec. 5.2: D-VAE fit on a small poisoned part adds p_hat to the clean rest", defense="apply")
+@kind("amplify", "Sec. 5.2: D-VAE fit on a small poisoned part adds p_hat to the clean rest", defense="apply",
+      ratio=0.01)
 def kind_amplify(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
-    ratio = float(ctx.c.get("ratio", 0.01))
+    ratio = float(ctx.c.get("ratio", KINDS.get("amplify").ratio))
     x_p, idx, ainfo = ctx.poison(ds, ratio=ratio)
     rest = np.setdiff1d(np.arange(len(x_p)), idx)
     _, info = None, {}
@@ -445,7 +455,7 @@ def kind_amplify(ctx: CellContext) -> dict[str, Any]:
 
 @kind("theorem2", "Theorem 2: KLD of a normalised two-Gaussian mixture vs its bounds (numerical)",
       params={"r": Param(list, None, "ratios r = delta/sigma to integrate at (default: a log-spaced range)")},
-      defense="none")
+      defense="none", data=False, checks=("params",))
 def kind_theorem2(ctx: CellContext) -> dict[str, Any]:
     from .theorem2 import check_theorem2
 
@@ -454,7 +464,8 @@ def kind_theorem2(ctx: CellContext) -> dict[str, Any]:
         return check_theorem2(p.get("r", None))
 
 
-@kind("train-diffusion", "a dependency: the DDPM that this dataset's AVATAR cells denoise with", defense="none")
+@kind("train-diffusion", "a dependency: the DDPM that this dataset's AVATAR cells denoise with", defense="none",
+      checks=("params", "diffusion"))
 def kind_train_diffusion(ctx: CellContext) -> dict[str, Any]:
     from ..defenses.avatar import save_checkpoint, train_diffusion
 
