@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
                              device=args.device, progress=progress)
     with timer("purify"):
         x_pur = purifier.fit_purify(x_pois, ds.y_train)
+    print(f"purification: {timer.times['purify']:.1f} s for {len(x_pois)} images (D-VAE {preset} preset, "
+          f"{purifier.info_.get('device', '?')}, {_threads()} torch threads)", flush=True)
     cfg = TrainConfig.preset(args.score_preset or preset, epochs=args.score_epochs)
     cfg.eval_every = 5  # last-epoch accuracy is the score; testing 10k images every epoch costs ~45 s in all
     rows: dict[str, dict[str, Any]] = {}
@@ -113,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
     _write(Path(args.out), table, verdict, config, results, args, timer, x_clean, x_pois, x_pur, purifier.stages_)
     print(f"wrote {args.out}/ (results.md, results.json, manifest.json, grid.png)")
     return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _table(rows: dict[str, dict[str, Any]]) -> str:

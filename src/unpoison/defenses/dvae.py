@@ -454,9 +454,10 @@ InferFn = Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tens
 @torch.no_grad()
 def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: Accel, fn: InferFn,
               sinks: dict[str, tuple[Sink, Callable[[torch.Tensor], torch.Tensor]]],
-              dist: DistContext = SINGLE) -> None:
+              dist: DistContext = SINGLE, keys: tuple[str, ...] | None = None) -> None:
     """Batched inference with ``z = mu`` (``accel.infer_batch`` images a batch); each named result of ``fn``
-    is converted and put into its sink.
+    is converted and put into its sink. ``keys``: the model outputs ``fn`` reads (None: all); a D-VAE then
+    runs only what they need (:func:`_dvae_outputs`).
 
     Batches are ``[i, i + batch)`` whatever the number of ranks (whole batches dealt to ranks), so each
     row's bytes do not depend on how the work was shared. Non-finite results end every rank with
@@ -465,11 +466,15 @@ def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: A
     dev = x.device
     fmt = accel.memory_format
     bad = torch.zeros((), dtype=torch.bool, device=dev)
+    per_class = None
+    if isinstance(model, DVAE) and keys == ("p_hat",) and model.p_input == "class":
+        with accel.autocast(dev):
+            per_class = model.class_perturbations()  # p_hat depends on the label only: one pass per class
     for start, x_b in x.ranges(shard_ranges(len(x), accel.infer_batch, dist.rank, dist.world)):
         xb = _float_batch(x_b, fmt)
         yb = None if y is None else y[start:start + len(xb)]
         with accel.autocast(dev):
-            out = model(xb, yb) if isinstance(model, DVAE) else model(xb)
+            out = _dvae_outputs(model, xb, yb, keys, per_class) if isinstance(model, DVAE) else model(xb)
         for name, res in fn({k: v.float() for k, v in out.items()}, xb).items():
             bad |= ~torch.isfinite(res).all()  # no sync per batch
             sink, convert = sinks[name]
@@ -479,13 +484,26 @@ def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: A
                              "(a smaller --lr may help)")
 
 
+def _dvae_outputs(model: DVAE, xb: torch.Tensor, yb: torch.Tensor | None, keys: tuple[str, ...] | None,
+                  per_class: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The inference outputs ``keys`` of a D-VAE, computing no more than they need: ``x_hat`` alone skips
+    ``D_p`` and ``logvar``; a class-only ``p_hat`` is a gather from ``per_class`` (no encoder pass)."""
+    if keys == ("x_hat",):
+        return {"x_hat": model.reconstruct(xb)}
+    if keys == ("p_hat",) and per_class is not None and yb is not None:
+        return {"p_hat": per_class[yb]}
+    return model(xb, yb)
+
+
 @torch.no_grad()
 def _infer(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor | None, accel: Accel,
-           fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Batched inference with ``z = mu`` into one device tensor; ``fn(out, x)`` picks the float result."""
+           fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+           keys: tuple[str, ...] | None = None) -> torch.Tensor:
+    """Batched inference with ``z = mu`` into one device tensor; ``fn(out, x)`` picks the float result
+    (from the model outputs ``keys``; None: all)."""
     src = x_u8 if isinstance(x_u8, BatchSource) else ResidentSource(x_u8)
     sink = TensorSink(len(src))
-    _infer_to(model, src, y, accel, lambda o, xb: {"r": fn(o, xb)}, {"r": (sink, _same)})
+    _infer_to(model, src, y, accel, lambda o, xb: {"r": fn(o, xb)}, {"r": (sink, _same)}, keys=keys)
     return sink.result()
 
 
@@ -839,11 +857,11 @@ class DVAEPurifier(_AutoencoderPurifier):
         fn: InferFn = lambda o, xb: {"x1": xb - o["p_hat"]}  # noqa: E731
         if path is None and not streamed and not self.dist.active:
             sink = TensorSink(len(x0))
-            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), fn, {"x1": (sink, _to_u8)})
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), fn, {"x1": (sink, _to_u8)}, keys=("p_hat",))
             return ResidentSource(sink.result())
         path = path or self._work_dir() / "stage1_images.npy"
         with self._npy_output(path, shape, np.uint8) as out:
-            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), fn, {"x1": (out, _to_u8)}, self.dist)
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), fn, {"x1": (out, _to_u8)}, self.dist, ("p_hat",))
         ckpt.mark_images("stage1_images", shape)
         return self._source(open_array(path), streamed)
 
@@ -860,7 +878,8 @@ class DVAEPurifier(_AutoencoderPurifier):
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
         x_u8 = to_device_images(xx, self.device_)
-        p = _infer(self.models_[stage], x_u8, yy, self._infer_accel(xx.shape[1:]), lambda o, xb: o["p_hat"] * 255)
+        p = _infer(self.models_[stage], x_u8, yy, self._infer_accel(xx.shape[1:]), lambda o, xb: o["p_hat"] * 255,
+                   ("p_hat",))
         return _nhwc(p.half())
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -888,7 +907,8 @@ class DVAEPurifier(_AutoencoderPurifier):
                 with self._outputs({"x1": np.uint8, "p_hat": np.float16}, shape, files) as out:
                     _infer_to(self.models_["stage1"], x0, yt, accel,
                               lambda o, xb: {"x1": xb - o["p_hat"], "p_hat": o["p_hat"] * 255},
-                              {"x1": (out["x1"], _to_u8), "p_hat": (out["p_hat"], _half255)}, self.dist)
+                              {"x1": (out["x1"], _to_u8), "p_hat": (out["p_hat"], _half255)}, self.dist,
+                              ("p_hat",))
                 x1_arr = self._result(out["x1"], "x1")
                 self.extras_["p_hat"] = _nhwc_rows(self._result(out["p_hat"], "p_hat"))
                 self.stages_["after stage 1"] = _nhwc_rows(x1_arr, keep)
@@ -901,7 +921,7 @@ class DVAEPurifier(_AutoencoderPurifier):
             if cfg.stage2_subtract:
                 with self._outputs({"x2": np.uint8}, shape, files) as out:
                     _infer_to(m2, x1, yt, accel, lambda o, xb: {"x2": xb - o["p_hat"]},
-                              {"x2": (out["x2"], _to_u8)}, self.dist)
+                              {"x2": (out["x2"], _to_u8)}, self.dist, ("p_hat",))
                 x2_arr = self._result(out["x2"], "x2")
                 self.stages_["after stage 2 subtraction"] = _nhwc_rows(x2_arr, keep)
                 x2 = source(x2_arr)
@@ -909,7 +929,7 @@ class DVAEPurifier(_AutoencoderPurifier):
                 self._discard("x1", files)
             with self._outputs({"purified": np.uint8}, shape, files) as out:
                 _infer_to(m2, x2, yt, accel, lambda o, xb: {"purified": o["x_hat"]},
-                          {"purified": (out["purified"], _to_u8)}, self.dist)
+                          {"purified": (out["purified"], _to_u8)}, self.dist, ("x_hat",))
             x3_arr = self._result(out["purified"], "purified")
             x3 = source(x3_arr)
             psnrs["stage2_x2_x3"] = self._psnr(x2, x3)
