@@ -275,3 +275,34 @@ def test_bad_inputs() -> None:
         DVAEPurifier(**TINY).fit(x0.astype(np.float32), y)
     with pytest.raises(UserError, match="checkpoint_dir"):
         DVAEPurifier(**TINY, epochs=1, resume=True).fit(x0, y)
+
+
+@pytest.mark.parametrize("embedding", ["spatial", "vector"])
+def test_class_only_p_hat_runs_once_per_class(embedding: str) -> None:
+    """With p_input="class" D_p sees only u_y, so one pass per class, gathered, is the per-image pass: the
+    same values (a batch smaller than the class count takes the per-image path); inference passes that read
+    one output give what the full forward gives."""
+    from unpoison.accel import Accel
+    from unpoison.defenses.dvae import _infer
+    from unpoison.stream import ResidentSource
+
+    torch.manual_seed(0)
+    m = DVAE(1, 16, 4, width=4, latent=4, embedding=embedding, embed_std=1.0).eval()
+    x, y = torch.rand(12, 1, 16, 16), torch.tensor([3, 0, 1, 1, 2, 3, 0, 0, 2, 1, 3, 2])
+    with torch.no_grad():
+        per_image = m.perturbation_decoder(m.class_embedding[y].expand(-1, -1, 8, 8))
+        full = m(x, y)
+        assert torch.allclose(full["p_hat"], per_image, atol=1e-6)
+        assert torch.allclose(m(x[:3], y[:3])["p_hat"], per_image[:3], atol=1e-6)  # 3 < 4 classes
+        assert torch.allclose(m.reconstruct(x), full["x_hat"], atol=1e-6)
+    xu = (x * 255).round().to(torch.uint8)
+    src, acc = ResidentSource(xu), Accel(infer_batch=5)
+    xf = xu.float() / 255
+    both = _infer(m, src, y, acc, lambda o, xb: torch.cat([o["x_hat"], o["p_hat"]], 1))
+    with torch.no_grad():
+        ref = m(xf, y)
+    assert torch.allclose(both, torch.cat([ref["x_hat"], ref["p_hat"]], 1), atol=1e-5)
+    p_only = _infer(m, src, y, acc, lambda o, xb: xb - o["p_hat"], ("p_hat",))
+    x_only = _infer(m, src, y, acc, lambda o, xb: o["x_hat"], ("x_hat",))
+    assert torch.allclose(p_only, xf - ref["p_hat"], atol=1e-5)
+    assert torch.allclose(x_only, ref["x_hat"], atol=1e-5)

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     pur = purify_dataset(ds.replace(x_train=x_pois), "dvae", {"epochs": args.dvae_epochs}, preset=preset,
                          seed=args.seed, device=args.device, progress=progress, timer=timer)
     x_pur = pur.images
+    print(f"purification: {timer.times['purify']:.1f} s for {len(x_pois)} images (D-VAE {preset} preset, "
+          f"{pur.info.get('device', '?')}, {_threads()} torch threads)", flush=True)
     cfg = TrainConfig.preset(args.score_preset or preset, epochs=args.score_epochs)
     cfg.eval_every = 5  # last-epoch accuracy is the score; testing 10k images every epoch costs ~45 s in all
     rows: dict[str, dict[str, Any]] = {}
@@ -110,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
     _write(Path(args.out), table, verdict, config, results, args, timer, x_clean, x_pois, x_pur, pur.stages)
     print(f"wrote {args.out}/ (results.md, results.json, manifest.json, grid.png)")
     return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _table(rows: dict[str, dict[str, Any]]) -> str:

@@ -155,20 +155,38 @@ class DVAE(_VariationalBase):
         self.class_embedding = nn.Parameter(torch.randn(shape) * embed_std if embed_std > 0 else torch.zeros(shape))
         self.perturbation_decoder = Decoder(in_channels, width, downsample, sigmoid=False)
 
+    def class_perturbations(self) -> torch.Tensor:
+        """``D_p(u_y)`` of every class, ``num_classes x C x H x W``: with ``p_input="class"`` the estimate
+        depends on the label only (InstanceNorm is per sample), so a batch needs one decoder pass per class,
+        not per image (measured: docs/results/purify_speed.md)."""
+        h, w = self.image_size
+        u = self.class_embedding.expand(-1, -1, h // self.downsample, w // self.downsample)
+        return self.perturbation_decoder(u)
+
+    def perturbation(self, y: torch.Tensor, feats: torch.Tensor | None = None,
+                     h: torch.Tensor | None = None) -> torch.Tensor:
+        """``p_hat`` of labels ``y`` (``feats``: encoder features, ``h``: ``from_z(z)``, as ``p_input`` needs)."""
+        if self.p_input == "class":
+            if self.num_classes <= len(y):  # per class, then gathered (the same values, fewer passes)
+                return self.class_perturbations()[y]
+            return self.perturbation_decoder(self.class_embedding[y].expand(
+                -1, -1, self.image_size[0] // self.downsample, self.image_size[1] // self.downsample))
+        base = h if self.p_input == "z" else feats
+        if base is None:
+            raise ValueError(f"p_input={self.p_input!r} needs the encoder's output")
+        return self.perturbation_decoder(base + self.class_embedding[y])
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``x_hat = D_c(from_z(mu))`` alone (inference's last step needs no ``p_hat`` nor ``logvar``)."""
+        return self.decoder(self.from_z(self.to_mu(self.encoder(x))))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, sample: bool = False,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         feats = self.encoder(x)
         mu, logvar = self.to_mu(feats), self.to_logvar(feats)
         z = self.sample(mu, logvar, sample, generator)
         h = self.from_z(z)
-        u = self.class_embedding[y]
-        if self.p_input == "z":
-            hp = h + u
-        elif self.p_input == "features":
-            hp = feats + u
-        else:
-            hp = u.expand(-1, -1, *feats.shape[2:])
-        return {"x_hat": self.decoder(h), "p_hat": self.perturbation_decoder(hp), "mu": mu, "logvar": logvar}
+        return {"x_hat": self.decoder(h), "p_hat": self.perturbation(y, feats, h), "mu": mu, "logvar": logvar}
 
 
 #: forms of Eq. 14's second term

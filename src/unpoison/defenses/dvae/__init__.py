@@ -9,9 +9,9 @@ checkpoints through :class:`unpoison.checkpoints.CheckpointStore`, resident or s
 
 from .autoencoder import GRID_ROWS, AutoencoderPurifier, data_fingerprint
 from .config import DVAE_PRESETS, PRESETS, DVAEConfig, method_params
-from .engine import _infer, _infer_to, compile_stacks, dvae_accel, train_autoencoder
+from .engine import _infer, _infer_to, _to_u8, compile_stacks, dvae_accel, train_autoencoder
 from .purifiers import AEPurifier, DVAEPurifier, VAEPurifier
 
 __all__ = ["DVAEConfig", "DVAE_PRESETS", "PRESETS", "method_params", "DVAEPurifier", "VAEPurifier", "AEPurifier",
            "AutoencoderPurifier", "train_autoencoder", "dvae_accel", "compile_stacks", "data_fingerprint",
-           "GRID_ROWS", "_infer", "_infer_to"]
+           "GRID_ROWS", "_infer", "_infer_to", "_to_u8"]

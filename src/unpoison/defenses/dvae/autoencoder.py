@@ -219,12 +219,13 @@ class AutoencoderPurifier(Purifier):
 
     def _pass(self, model: nn.Module, x: BatchSource, y: torch.Tensor | None, fn: InferFn,
               specs: dict[str, tuple[Any, Callable[[torch.Tensor], torch.Tensor]]], files: bool,
-              shape: tuple[int, ...]) -> dict[str, np.ndarray | torch.Tensor]:
+              shape: tuple[int, ...], keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray | torch.Tensor]:
         """One inference pass of ``model`` over ``x``: each named result of ``fn`` converted (``specs``: name ->
-        (dtype, convert)) into a device tensor, or (``files``) a ``.npy`` file of the work folder."""
+        (dtype, convert)) into a device tensor, or (``files``) a ``.npy`` file of the work folder. ``keys``: the
+        model outputs ``fn`` reads (a D-VAE then computes only those)."""
         with self.staging.outputs_for({k: dt for k, (dt, _) in specs.items()}, shape, files) as out:
             _infer_to(model, x, y, self._infer_accel(x.hwc), fn, {k: (out[k], conv) for k, (_, conv) in specs.items()},
-                      self.dist)
+                      self.dist, keys)
         return {k: self.staging.result(out[k], k) for k in specs}
 
 

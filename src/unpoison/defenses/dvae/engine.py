@@ -165,9 +165,10 @@ InferFn = Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tens
 @torch.no_grad()
 def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: Accel, fn: InferFn,
               sinks: dict[str, tuple[Sink, Callable[[torch.Tensor], torch.Tensor]]],
-              dist: DistContext = SINGLE) -> None:
+              dist: DistContext = SINGLE, keys: tuple[str, ...] | None = None) -> None:
     """Batched inference with ``z = mu`` (``accel.infer_batch`` images a batch); each named result of ``fn``
-    is converted and put into its sink.
+    is converted and put into its sink. ``keys``: the model outputs ``fn`` reads (None: all); a D-VAE then
+    runs only what they need (:func:`_dvae_outputs`).
 
     Batches are ``[i, i + batch)`` whatever the number of ranks (whole batches dealt to ranks), so each
     row's bytes do not depend on how the work was shared. Non-finite results end every rank with
@@ -176,11 +177,15 @@ def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: A
     dev = x.device
     fmt = accel.memory_format
     bad = torch.zeros((), dtype=torch.bool, device=dev)
+    per_class = None
+    if isinstance(model, DVAE) and keys == ("p_hat",) and model.p_input == "class":
+        with accel.autocast(dev):
+            per_class = model.class_perturbations()  # p_hat depends on the label only: one pass per class
     for start, x_b in x.ranges(shard_ranges(len(x), accel.infer_batch, dist.rank, dist.world)):
         xb = _float_batch(x_b, fmt)
         yb = None if y is None else y[start:start + len(xb)]
         with accel.autocast(dev):
-            out = model(xb, yb) if isinstance(model, DVAE) else model(xb)
+            out = _dvae_outputs(model, xb, yb, keys, per_class) if isinstance(model, DVAE) else model(xb)
         for name, res in fn({k: v.float() for k, v in out.items()}, xb).items():
             bad |= ~torch.isfinite(res).all()  # no sync per batch
             sink, convert = sinks[name]
@@ -190,13 +195,26 @@ def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: A
                              "(a smaller --lr may help)")
 
 
+def _dvae_outputs(model: DVAE, xb: torch.Tensor, yb: torch.Tensor | None, keys: tuple[str, ...] | None,
+                  per_class: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The inference outputs ``keys`` of a D-VAE, computing no more than they need: ``x_hat`` alone skips
+    ``D_p`` and ``logvar``; a class-only ``p_hat`` is a gather from ``per_class`` (no encoder pass)."""
+    if keys == ("x_hat",):
+        return {"x_hat": model.reconstruct(xb)}
+    if keys == ("p_hat",) and per_class is not None and yb is not None:
+        return {"p_hat": per_class[yb]}
+    return model(xb, yb)
+
+
 @torch.no_grad()
 def _infer(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor | None, accel: Accel,
-           fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Batched inference with ``z = mu`` into one device tensor; ``fn(out, x)`` picks the float result."""
+           fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+           keys: tuple[str, ...] | None = None) -> torch.Tensor:
+    """Batched inference with ``z = mu`` into one device tensor; ``fn(out, x)`` picks the float result
+    (from the model outputs ``keys``; None: all)."""
     src = x_u8 if isinstance(x_u8, BatchSource) else ResidentSource(x_u8)
     sink = TensorSink(len(src))
-    _infer_to(model, src, y, accel, lambda o, xb: {"r": fn(o, xb)}, {"r": (sink, _same)})
+    _infer_to(model, src, y, accel, lambda o, xb: {"r": fn(o, xb)}, {"r": (sink, _same)}, keys=keys)
     return sink.result()
 
 

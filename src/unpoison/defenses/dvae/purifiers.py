@@ -113,11 +113,13 @@ class DVAEPurifier(AutoencoderPurifier):
         path = ckpt.images_path("stage1_images")
         if path is None and not streamed and not self.dist.active:
             sink = TensorSink(len(x0))
-            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), _minus_p("x1"), {"x1": (sink, _to_u8)})
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), _minus_p("x1"), {"x1": (sink, _to_u8)},
+                      keys=("p_hat",))
             return ResidentSource(sink.result())
         path = path or self.staging.path("stage1_images")
         with self.staging.npy_output(path, shape, np.uint8) as out:
-            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), _minus_p("x1"), {"x1": (out, _to_u8)}, self.dist)
+            _infer_to(m1, x0, yt, self._infer_accel(x0.hwc), _minus_p("x1"), {"x1": (out, _to_u8)}, self.dist,
+                      ("p_hat",))
         ckpt.mark_images("stage1_images", shape)
         return self._source(open_array(path), streamed)
 
@@ -134,7 +136,8 @@ class DVAEPurifier(AutoencoderPurifier):
         if yy is None:
             raise UserError("estimate_perturbation needs labels y")
         x_u8 = to_device_images(xx, self.device_)
-        p = _infer(self.models_[stage], x_u8, yy, self._infer_accel(xx.shape[1:]), lambda o, xb: o["p_hat"] * 255)
+        p = _infer(self.models_[stage], x_u8, yy, self._infer_accel(xx.shape[1:]), lambda o, xb: o["p_hat"] * 255,
+                   ("p_hat",))
         return _nhwc(p.half())
 
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -152,13 +155,13 @@ class DVAEPurifier(AutoencoderPurifier):
             sources.append(self._source(a, streamed))
             return sources[-1]
 
-        def run(model: nn.Module, xs: BatchSource, fn: InferFn, **specs: Any) -> dict[str, Any]:
-            return self._pass(model, xs, yt, fn, specs, files, tuple(x.shape))
+        def run(model: nn.Module, xs: BatchSource, fn: InferFn, keys: tuple[str, ...], **specs: Any) -> dict[str, Any]:
+            return self._pass(model, xs, yt, fn, specs, files, tuple(x.shape), keys)
 
         try:  # Algorithm 1, purification
             x0 = x1 = source(x)
             if "stage1" in self.models_:  # x1 = clip(x0 - p_hat(x0)), stage 1's D-VAE
-                r = run(self.models_["stage1"], x0, _stage1, x1=_U8, p_hat=_F16)
+                r = run(self.models_["stage1"], x0, _stage1, ("p_hat",), x1=_U8, p_hat=_F16)
                 self.extras_["p_hat"] = nhwc_rows(r["p_hat"])
                 self.stages_["after stage 1"] = nhwc_rows(r["x1"], keep)
                 if files:
@@ -168,12 +171,12 @@ class DVAEPurifier(AutoencoderPurifier):
             m2 = self.models_["stage2"]
             x2 = x1
             if self.config.stage2_subtract:  # x2 = clip(x1 - p_hat(x1)), stage 2's D-VAE
-                r = run(m2, x1, _minus_p("x2"), x2=_U8)
+                r = run(m2, x1, _minus_p("x2"), ("p_hat",), x2=_U8)
                 self.stages_["after stage 2 subtraction"] = nhwc_rows(r["x2"], keep)
                 x2 = source(r["x2"])
                 psnrs["stage2_x1_x2"] = self._psnr(x1, x2)  # every rank is done with x1 after its all-reduce
                 self.staging.discard("x1", files)
-            x3_arr = run(m2, x2, _x_hat, purified=_U8)["purified"]  # x3 = x_hat(x2)
+            x3_arr = run(m2, x2, _x_hat, ("x_hat",), purified=_U8)["purified"]  # x3 = x_hat(x2)
             x3 = source(x3_arr)
             psnrs["stage2_x2_x3"] = self._psnr(x2, x3)
             psnrs["total_x0_x3"] = self._psnr(x0, x3)
