@@ -25,6 +25,7 @@ COMMANDS = {
     "poison": "poison",
     "purify": "purify",
     "train-diffusion": "diffusion",
+    "scan": "scan",
     "detect": "detect",
     "bench": "bench",
     "report": "report",
