@@ -184,6 +184,13 @@ def cnn_signal(x: np.ndarray, y: np.ndarray, folds: tuple[np.ndarray, np.ndarray
     return 100.0 * correct / len(y), margin
 
 
+def _value_logprob(fc: np.ndarray, offs: np.ndarray, alpha: float) -> np.ndarray:
+    """Log-probability of each grey level (0..255) at each pixel among the rows ``fc`` (smoothed by ``alpha``),
+    flat: index ``pixel * 256 + value`` (``offs`` = ``pixel * 256``)."""
+    cnt = np.bincount((offs + fc).ravel(), minlength=offs.shape[1] * 256).astype(np.float64)
+    return np.log(cnt + alpha) - math.log(len(fc) + alpha * 256)
+
+
 def nb_signal(x: np.ndarray, y: np.ndarray, folds: tuple[np.ndarray, np.ndarray], ncls: int,
               alpha: float) -> tuple[float, np.ndarray]:
     """Held-out accuracy (%) of a naive Bayes classifier over exact pixel values (a histogram of the 256 grey
@@ -196,11 +203,7 @@ def nb_signal(x: np.ndarray, y: np.ndarray, folds: tuple[np.ndarray, np.ndarray]
     margin = np.zeros(n)
     correct = 0
     for p, q in (folds, folds[::-1]):
-        lp = np.empty((ncls, d * 256))
-        for c in range(ncls):
-            fc = f[p[y[p] == c]]
-            cnt = np.bincount((offs + fc).ravel(), minlength=d * 256).astype(np.float64)
-            lp[c] = np.log(cnt + alpha) - math.log(len(fc) + alpha * 256)
+        lp = np.stack([_value_logprob(f[p[y[p] == c]], offs, alpha) for c in range(ncls)])
         ll = np.stack([lp[c][offs + f[q]].sum(1) for c in range(ncls)], 1)
         idx = np.arange(len(q))
         true = ll[idx, y[q]].copy()
@@ -361,11 +364,7 @@ def refine_split(x: np.ndarray, y: np.ndarray, init: np.ndarray, folds: tuple[np
         for p, q in (folds, folds[::-1]):
             for c in np.unique(y):
                 pc, qc = p[y[p] == c], q[y[q] == c]
-                lps = []
-                for comp in (True, False):
-                    fc = f[pc[flags[pc] == comp]]
-                    cnt = np.bincount((offs + fc).ravel(), minlength=d * 256).astype(np.float64)
-                    lps.append(np.log(cnt + alpha) - math.log(len(fc) + alpha * 256))
+                lps = [_value_logprob(f[pc[flags[pc] == comp]], offs, alpha) for comp in (True, False)]
                 llr[qc] = (lps[0] - lps[1])[offs + f[qc]].sum(1)
         flags = llr > 0
     return flags, llr
