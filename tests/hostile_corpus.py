@@ -291,6 +291,7 @@ def hostile_file_cases() -> list[Case]:
         "poison(lsp)": lambda s, b: ["poison", s, str(b / "out.npz"), "--attack", "lsp", *FAST],
         "evaluate": lambda s, b: ["evaluate", s, "--preset", "smoke", "--out", str(b / "out.json"), *FAST],
         "detect": lambda s, b: ["detect", s, str(b / "out.csv"), "--method", "dvae", "--preset", "smoke", *FAST],
+        "scan": lambda s, b: ["scan", s, "--samples", str(b / "out.csv"), "--quiet"],
     }
     for cmd, make in commands.items():
         for name in subset:
