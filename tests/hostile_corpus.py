@@ -290,7 +290,8 @@ def hostile_file_cases() -> list[Case]:
         "purify(jpeg)": lambda s, b: ["purify", s, str(b / "out.npz"), *JPEG],
         "poison(lsp)": lambda s, b: ["poison", s, str(b / "out.npz"), "--attack", "lsp", *FAST],
         "evaluate": lambda s, b: ["evaluate", s, "--preset", "smoke", "--out", str(b / "out.json"), *FAST],
-        "detect": lambda s, b: ["detect", s, str(b / "out.csv"), "--preset", "smoke", *FAST],
+        "detect": lambda s, b: ["detect", s, str(b / "out.csv"), "--method", "dvae", "--preset", "smoke", *FAST],
+        "scan": lambda s, b: ["scan", s, "--samples", str(b / "out.csv"), "--quiet"],
     }
     for cmd, make in commands.items():
         for name in subset:

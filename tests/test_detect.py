@@ -58,7 +58,8 @@ def test_cli_writes_csv_and_manifest(tmp_path: Path) -> None:
     x, y, _ = _half_poisoned()
     data = save_dataset(ImageDataset(x, y, x[:32], y[:32]), tmp_path / "p.npz")
     out = tmp_path / "scores.csv"
-    assert main(["detect", str(data), str(out), "--detector", "test-oracle", "--preset", "smoke", "--epochs", "1",
+    assert main(["detect", str(data), str(out), "--method", "dvae",
+                 "--detector", "test-oracle", "--preset", "smoke", "--epochs", "1",
                  "--device", "cpu", "--quiet"]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
@@ -75,10 +76,11 @@ def test_bad_input_exit_2_nothing_written(tmp_path: Path, capsys: pytest.Capture
     assert main(["detect", str(tmp_path / "missing.npz"), str(out)]) == 2
     assert "no such file" in capsys.readouterr().err and not out.exists()
     assert main(["detect", "synthetic:n=32,size=8", str(tmp_path / "s.txt")]) == 2
-    assert main(["detect", "synthetic:n=32,size=8", str(out), "--detector", "jpeg", "--preset", "smoke",
+    assert main(["detect", "synthetic:n=32,size=8", str(out), "--method", "dvae", "--detector", "jpeg",
+                 "--preset", "smoke",
                  "--epochs", "1", "--quiet"]) == 2
     assert "exposes no stage-1 p_hat" in capsys.readouterr().err and not out.exists()
-    assert main(["detect", "synthetic:n=32,size=8", str(out), "--param", "oops"]) == 2
+    assert main(["detect", "synthetic:n=32,size=8", str(out), "--method", "dvae", "--param", "oops"]) == 2
 
 
 @pytest.mark.skipif("dvae" not in DEFENSES, reason="dvae purifier not registered yet")

@@ -101,7 +101,8 @@ def test_one_preset_sizes_detections_stage1_too(tmp_path: Path, capsys: pytest.C
 
     data = save_dataset(make_synthetic(n=32, size=8, channels=3, classes=4, seed=0), tmp_path / "d.npz")
     out = tmp_path / "s.csv"
-    assert main(["detect", str(data), str(out), "--epochs", "1", "--param", "epochs=1", "--quiet"]) == 0
+    assert main(["detect", str(data), str(out), "--method", "dvae", "--epochs", "1", "--param", "epochs=1",
+                 "--quiet"]) == 0
     printed = capsys.readouterr().out
     man = json.loads(Path(str(out) + ".json").read_text())
     if not torch.cuda.is_available():

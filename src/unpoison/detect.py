@@ -1,4 +1,7 @@
-"""Unsupervised poisoned-sample detection (paper Sec. 5.1, Table 7).
+"""Unsupervised poisoned-sample detection: :func:`detect` with one of :data:`METHODS`.
+
+``signals`` (the default) is the scan's per-sample output (:mod:`unpoison.scan`: the same fits that
+give the dataset's verdict, scored out of fold); ``dvae`` is the paper's rule (Sec. 5.1, Table 7):
 
 The rule: fit the stage-1 D-VAE (small KLD limit) on the training set ``x0`` to get the
 disentangled poison ``p_hat0``; train a classifier on ``x0 + p_hat0``. The classifier learns the
@@ -21,6 +24,7 @@ import numpy as np
 from .data import ImageDataset
 from .errors import UserError
 from .outputs import Policy
+from .params import unknown
 from .utils import Timer, atomic_path
 
 
@@ -122,6 +126,27 @@ def detect_poison(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: 
             "n_flagged": int(flags.sum()), "n": int(len(x)),
             "p_hat_mean_l2": float(np.sqrt(((p_hat / 255.0) ** 2).reshape(len(p_hat), -1).sum(1)).mean())}
     return DetectResult(scores=scores, flags=flags, info=info)
+
+
+#: detection methods: the scan's signals, or the paper's stage-1 p_hat rule
+METHODS = ("signals", "dvae")
+
+
+def detect(x: np.ndarray, y: np.ndarray, method: str = "signals", scan_config: Any = None, seed: int = 0,
+           device: str = "auto", progress: bool = True, **dvae: Any) -> DetectResult:
+    """Per-sample scores and flags. ``signals``: :func:`unpoison.scan.scan` (``scan_config``: its
+    :class:`~unpoison.scan.ScanConfig`); a set it judges clean has no flag. ``dvae``: :func:`detect_poison`
+    with ``dvae`` as its keyword arguments."""
+    if method == "signals":
+        from .scan import scan
+
+        r = scan(x, y, scan_config, seed=seed, device=device, progress=progress)
+        return DetectResult(scores=r.sample_scores, flags=r.flags,
+                            info={"method": "signals (unpoison.scan)", "scan": r.summary(), "n": int(len(r.flags)),
+                                  "n_flagged": int(r.flags.sum()), "timings_s": r.info["timings_s"]})
+    if method == "dvae":
+        return detect_poison(x, y, seed=seed, device=device, progress=progress, **dvae)
+    raise unknown("detection method", method, METHODS)
 
 
 def write_scores_csv(path: str, res: DetectResult, y: np.ndarray, policy: Policy = "internal") -> None:

@@ -49,3 +49,49 @@ def save_image_grid(rows: dict[str, np.ndarray], path: str | Path, n: int = 8, s
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+def save_scan_evidence(res: object, truth: np.ndarray | None, path: str | Path, title: str = "") -> Path:
+    """The scan's evidence as a PNG: each signal's z against the clean null (with the verdict's threshold), and
+    the per-sample scores (split by ``truth`` when the poisoned indices are known, flagged ones marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = res.evidence  # type: ignore[attr-defined]
+    thr = res.info["threshold"]  # type: ignore[attr-defined]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    names = [s for s in ev if "z" in ev[s]]
+    zs = [ev[s]["z"] for s in names]
+    a.bar(names, zs, color=["tab:red" if abs(z) >= thr else "tab:gray" for z in zs])
+    for t in (thr, -thr):
+        a.axhline(t, color="k", ls="--", lw=0.8)
+    a.set_ylabel("z vs clean null")
+    a.set_yscale("symlog", linthresh=max(thr, 1.0))
+    verdict = "POISONED" if res.poisoned else "clean"  # type: ignore[attr-defined]
+    a.set_title(f"{verdict}, score {res.score:.1f}", fontsize=10)  # type: ignore[attr-defined]
+    s = res.sample_scores  # type: ignore[attr-defined]
+    lo, hi = np.percentile(s, [0.5, 99.5]) if len(s) else (0.0, 1.0)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
+    if truth is not None and truth.any() and not truth.all():
+        b.hist(s[~truth], bins=bins, alpha=0.6, label="clean", color="tab:blue")
+        b.hist(s[truth], bins=bins, alpha=0.6, label="poisoned", color="tab:red")
+    else:
+        b.hist(s, bins=bins, alpha=0.7, color="tab:red" if truth is not None and truth.all() else "tab:blue",
+               label="all poisoned" if truth is not None and truth.all() else "all")
+    flags = res.flags  # type: ignore[attr-defined]
+    if flags.any() and not flags.all():
+        b.axvline(float(s[flags].min()), color="k", ls=":", lw=1, label="flagged from")
+    b.set_xlabel("per-sample score")
+    b.legend(fontsize=8)
+    b.set_title(f"{int(flags.sum())} of {len(flags)} flagged", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -741,6 +741,11 @@ def build_report(outdir: str | Path) -> Path:
             ["cell", "status", "final loss", "parameters (M)"],
             [[r["key"], r["status"], _num_text((r["results"] or {}).get("final_loss"), "{:.4f}"),
               _num_text((r["results"] or {}).get("parameters"), "{:.2f}", 1e-6)] for r in deps])))
+    from .report_scan import scan_section
+
+    scan_tables, scan_figures, scan_evidence = scan_section(rows, outdir, rdir)
+    tables += scan_tables
+    figures += scan_figures
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         tables.append(("failed", Table("Failed cells", ["cell", "error"],
@@ -752,6 +757,7 @@ def build_report(outdir: str | Path) -> Path:
                  key=lambda r: (r["results"] or {}).get("stage1_corr") is None)
     grids += [(f"{r['key']} — p, p_hat, p - p_hat", outdir / "cells" / r["cell_id"] / "residual.png")
               for r in res][:16]
+    grids += scan_evidence[:40]
     for name, t in tables:
         write_text_atomic(rdir / "tables" / f"{_safe(name)}.csv", t.csv())
     timings = [r["timings"].get("total", 0.0) for r in rows if r["timings"]]

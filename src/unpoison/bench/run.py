@@ -397,6 +397,37 @@ def kind_detect(ctx: CellContext) -> dict[str, Any]:
             **detection_metrics(flags, truth)}
 
 
+@kind("scan", "is this dataset poisoned? the scan's verdict, score and kind, and its per-sample detection "
+      "(recall, precision, F1) against the poisoned indices", defense="none",
+      params={"signals": Param(list, None, "the scan's signals (default: unpoison.scan.DEFAULT_SIGNALS)"),
+              "threshold": Param(float, None, "the verdict's |z| threshold (default: the scan's)", low=0,
+                                 low_open=True)})
+def kind_scan(ctx: CellContext) -> dict[str, Any]:
+    from ..scan import ScanConfig, scan
+    from ..viz import save_scan_evidence
+
+    ds = ctx.data()
+    ratio = float(ctx.c.get("ratio", 1.0)) if ctx.c["attack"]["name"] != "none" else None
+    x_p, idx, ainfo = ctx.poison(ds, ratio=ratio)
+    p = ctx.c.get("params") or {}
+    cfg = ScanConfig()
+    if p.get("signals"):
+        cfg.signals = tuple(p["signals"])
+    if p.get("threshold") is not None:
+        cfg.threshold = float(p["threshold"])
+    with ctx.timer("scan"):
+        res = scan(x_p, ds.y_train, cfg, seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+    truth = np.zeros(len(x_p), dtype=bool)
+    truth[idx] = True
+    save_scan_evidence(res, truth, ctx.dir / "evidence.png", ctx.c["attack"]["label"])
+    out = {"attack_info": ainfo, "n_poisoned": int(len(idx)), "n": int(len(x_p)), **res.summary(),
+           "z": {s: e.get("z") for s, e in res.evidence.items()}}
+    if len(idx):
+        out.update(detection_metrics(res.flags, truth))
+        out["psnr_attack"] = psnr(ds.x_train, x_p)
+    return out
+
+
 @kind("partial", "Table 8: poison a fraction; detect, then purify only the flagged part (or all)",
       params={**_DETECT_PARAMS, "detect_first_for": Param(list, ["dvae"], "defenses that purify only flagged images")},
       defense="purifier", detector=True)

@@ -26,6 +26,7 @@ COMMANDS = {
     "poison": "poison",
     "purify": "purify",
     "train-diffusion": "diffusion",
+    "scan": "scan",
     "detect": "detect",
     "bench": "bench",
     "report": "report",
