@@ -51,6 +51,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def in_order(self) -> list[str]:
+        """The names in registration order (a report lays its sections out in the order kinds are defined)."""
+        return list(self._items)
+
     def help(self, name: str) -> str:
         return self._help[name.lower()]
 

@@ -29,6 +29,8 @@ import io
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -328,14 +330,6 @@ def fig_theorem2(res: dict[str, Any], path: Path) -> Path:
 
 
 # --- the report --------------------------------------------------------------------------------------------
-def _group(rows: list[dict[str, Any]], *kinds: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r["config"]["kind"] in kinds:
-            out[(str(r["config"]["dataset"]), str(r["config"]["model"]))].append(r)
-    return out
-
-
 def _metric_table(cells: list[dict[str, Any]], title: str, row_axes: list[str], cols: list[tuple[str, str]],
                   paper: Any = None, digits: int = 3) -> Table:
     """One row per distinct combination of ``row_axes``; columns are result keys (mean over seeds)."""
@@ -640,24 +634,37 @@ def _t7(cfg: dict[str, Any]) -> tuple[float, ...] | None:
     return _T7.get((cfg["attack"]["name"], round(float(cfg.get("ratio", 1.0)), 2)))
 
 
-def build_report(outdir: str | Path) -> Path:
-    """Write ``OUTDIR/report/`` from the store; return the path of ``index.html``."""
-    outdir = Path(outdir)
-    store = Store.open_existing(outdir)
-    try:
-        meta, cfg, rows = store.meta(), store.config(), store.rows()
-        counts = store.status_counts()
-    finally:
-        store.close()
-    rdir = outdir / "report"
-    (rdir / "tables").mkdir(parents=True, exist_ok=True)
-    (rdir / "figures").mkdir(parents=True, exist_ok=True)
-    title = meta.get("title") or meta.get("name")
-    spec = cfg.get("table") or {}
+@dataclass
+class ReportContext:
+    """What a kind's report section may read besides its own rows: the grid's folders, metadata and layout."""
+
+    outdir: Path
+    rdir: Path
+    meta: dict[str, Any]
+    spec: dict[str, Any]
+    title: str
+
+
+#: a report section's output: named tables, captioned figures, captioned image grids
+Section = tuple[list[tuple[str, Table]], list[tuple[str, Path]], list[tuple[str, Path]]]
+SectionFn = Callable[[list[dict[str, Any]], ReportContext], Section]
+#: kind names of stores written by older versions, reported by the section of today's kind
+_LEGACY_KINDS = {"disentangle": "disentangle-check"}
+
+
+def _by_run(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[(str(r["config"]["dataset"]), str(r["config"]["model"]))].append(r)
+    return out
+
+
+def purify_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """Tables 2/5/6/13 and Fig. 2/6: accuracy per attack and defense, PSNR, the per-stage measurements."""
     tables: list[tuple[str, Table]] = []
     figures: list[tuple[str, Path]] = []
-
-    for (ds, model), cells in _group(rows, "purify").items():
+    spec, title, rdir, meta = rc.spec, rc.title, rc.rdir, rc.meta
+    for (ds, model), cells in _by_run(rows).items():
         tag = file_tag(ds, model)
         if spec.get("layout") == "efficacy":
             tables.append((f"{meta.get('name')}-{tag}", efficacy_table(cells, f"{title} — {ds}, {model}")))
@@ -686,8 +693,13 @@ def build_report(outdir: str | Path) -> Path:
             tables.append((f"psnr-{tag}", pivot(cells, spec.get("rows", "attack"), spec.get("cols", "defense"),
                                                 value="psnr", title=f"PSNR(poisoned, purified) dB — {ds}, {model}")))
         tables += [(f"{n}-{tag}", t) for n, t in measurement_tables(cells, f"{ds}, {model}")]
-    # ``disentangle``: the kind's name before it measured every stage (stores written then still report)
-    for (ds, model), cells in _group(rows, "disentangle-check", "disentangle").items():
+    return tables, figures, []
+
+
+def disentangle_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """Table 1 (clean + p_hat still poisons) and, where measured, how much poison each stage removed."""
+    tables: list[tuple[str, Table]] = []
+    for (ds, model), cells in _by_run(rows).items():
         body = []
         for key, name in (("acc_clean_train", "clean train T"), ("acc_clean_test", "clean test D"),
                           ("acc_poisoned_train", "poisoned P")):
@@ -701,12 +713,24 @@ def build_report(outdir: str | Path) -> Path:
             tables.append((f"disentangle-{tag}", disentangle_check_table(
                 cells, f"Does stage 1 take the poison out? — {ds}, {model}")))
             tables += [(f"{n}-{tag}", t) for n, t in measurement_tables(cells, f"{ds}, {model}")]
-    for (ds, model), cells in _group(rows, "detect").items():
+    return tables, [], []
+
+
+def detect_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """Table 7: poisoned-sample detection."""
+    tables: list[tuple[str, Table]] = []
+    for (ds, model), cells in _by_run(rows).items():
         t = _metric_table(cells, f"Table 7: poisoned-sample detection — {ds}, {model}", ["attack", "ratio"],
                           [("det_acc", "Acc."), ("recall", "Recall"), ("precision", "Precision"), ("f1", "F1")],
                           paper=_t7 if is_cifar10(ds) else None)
         tables.append((f"table7-{file_tag(ds, model)}", t))
-    for (ds, model), cells in _group(rows, "partial").items():
+    return tables, [], []
+
+
+def partial_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """Table 8: accuracy under partial poisoning, per attack, defense and ratio."""
+    tables: list[tuple[str, Table]] = []
+    for (ds, model), cells in _by_run(rows).items():
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in cells:
             groups[axis_label(r["config"], "attack")].append(r)
@@ -718,34 +742,82 @@ def build_report(outdir: str | Path) -> Path:
             body += [[atk, *row] for row in t.rows]
         tables.append((f"table8-{file_tag(ds, model)}",
                        Table(f"Table 8: accuracy (%) under partial poisoning — {ds}, {model}", header, body)))
-    for (ds, model), cells in _group(rows, "amplify").items():
+    return tables, [], []
+
+
+def amplify_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """Sec. 5.2: the D-VAE-amplified poison."""
+    tables: list[tuple[str, Table]] = []
+    for (ds, model), cells in _by_run(rows).items():
         t = _metric_table(cells, f"Sec. 5.2: D-VAE-amplified poison — {ds}, {model}", ["attack", "ratio"],
                           [("final_acc", "test acc. (amplified)"),
                            ("acc_small_poison_only", "test acc. (small poison)")],
                           digits=2)
         tables.append((f"amplify-{file_tag(ds, model)}", t))
+    return tables, [], []
+
+
+def theorem2_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """Theorem 2's bounds against the numerical KLD, table and plot (the first finished cell)."""
+    tables: list[tuple[str, Table]] = []
+    figures: list[tuple[str, Path]] = []
     for r in rows:
-        if r["config"]["kind"] == "theorem2" and r["status"] == "done":
+        if r["status"] == "done":
             res = r["results"]
             body = [[f"{x['r']:.4g}", f"{x['lower']:.6f}", f"{x['kld']:.6f}", f"{x['upper']:.6f}",
                      "yes" if x["holds"] else "NO"] for x in res["rows"]]
             tables.append(("theorem2", Table(
                 "Theorem 2: ½ln(1+r²) − ln2 ≤ KLD ≤ ½ln(1+r²)", ["r", "lower", "KLD (numerical)", "upper", "holds"],
                 body, f"all hold: {res['all_hold']}; KLD increasing in r: {res['kld_increasing_in_r']}")))
-            figures.append(("Theorem 2", fig_theorem2(res, rdir / "figures" / "theorem2.png")))
+            figures.append(("Theorem 2", fig_theorem2(res, rc.rdir / "figures" / "theorem2.png")))
             break
-    deps = [r for r in rows if r["config"]["kind"] == "train-diffusion"]
+    return tables, figures, []
+
+
+def diffusion_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """The dependency cells: the diffusion models AVATAR denoises with."""
+    deps = rows
+    tables: list[tuple[str, Table]] = []
     if deps:
         tables.append(("dependencies", Table(
             "Dependencies: diffusion models the AVATAR cells denoise with",
             ["cell", "status", "final loss", "parameters (M)"],
             [[r["key"], r["status"], _num_text((r["results"] or {}).get("final_loss"), "{:.4f}"),
               _num_text((r["results"] or {}).get("parameters"), "{:.2f}", 1e-6)] for r in deps])))
-    from .report_scan import scan_section
+    return tables, [], []
 
-    scan_tables, scan_figures, scan_evidence = scan_section(rows, outdir, rdir)
-    tables += scan_tables
-    figures += scan_figures
+
+def build_report(outdir: str | Path) -> Path:
+    """Write ``OUTDIR/report/`` from the store; return the path of ``index.html``."""
+    outdir = Path(outdir)
+    store = Store.open_existing(outdir)
+    try:
+        meta, cfg, rows = store.meta(), store.config(), store.rows()
+        counts = store.status_counts()
+    finally:
+        store.close()
+    rdir = outdir / "report"
+    (rdir / "tables").mkdir(parents=True, exist_ok=True)
+    (rdir / "figures").mkdir(parents=True, exist_ok=True)
+    title = meta.get("title") or meta.get("name")
+    spec = cfg.get("table") or {}
+    tables: list[tuple[str, Table]] = []
+    figures: list[tuple[str, Path]] = []
+
+    from .run import KINDS  # each kind names its section where it is defined (run imports this module)
+
+    rc = ReportContext(outdir, rdir, meta, spec, title)
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_kind[_LEGACY_KINDS.get(r["config"]["kind"], r["config"]["kind"])].append(r)
+    section_grids: list[tuple[str, Path]] = []
+    for name in KINDS.in_order():
+        section = KINDS.get(name).report
+        if section is not None and by_kind.get(name):
+            t, f, g = section(by_kind[name], rc)
+            tables += t
+            figures += f
+            section_grids += g
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         tables.append(("failed", Table("Failed cells", ["cell", "error"],
@@ -757,7 +829,7 @@ def build_report(outdir: str | Path) -> Path:
                  key=lambda r: (r["results"] or {}).get("stage1_corr") is None)
     grids += [(f"{r['key']} — p, p_hat, p - p_hat", outdir / "cells" / r["cell_id"] / "residual.png")
               for r in res][:16]
-    grids += scan_evidence[:40]
+    grids += section_grids[:40]
     for name, t in tables:
         write_text_atomic(rdir / "tables" / f"{_safe(name)}.csv", t.csv())
     timings = [r["timings"].get("total", 0.0) for r in rows if r["timings"]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import Table, _fig_to_png, _plt, axis_label
+from .report import ReportContext, Section, Table, _fig_to_png, _plt, axis_label
 
 
 def _f(v: Any, fmt: str) -> str:
@@ -78,12 +78,9 @@ def fig_scan_scores(cells: list[dict[str, Any]], path: Path, title: str) -> Path
     return _fig_to_png(fig, path)
 
 
-def scan_section(rows: list[dict[str, Any]], outdir: Path, rdir: Path,
-                 ) -> tuple[list[tuple[str, Table]], list[tuple[str, Path]], list[tuple[str, Path]]]:
-    """Tables, figures and the cells' evidence images for the ``scan`` cells of a grid (empty when none)."""
-    cells = [r for r in rows if r["config"]["kind"] == "scan"]
-    if not cells:
-        return [], [], []
+def scan_section(cells: list[dict[str, Any]], rc: ReportContext) -> Section:
+    """Tables, figures and the cells' evidence images for the ``scan`` cells of a grid."""
+    outdir, rdir = rc.outdir, rc.rdir
     by_ds: dict[str, list[dict[str, Any]]] = {}
     for r in cells:
         by_ds.setdefault(str(r["config"]["dataset"]), []).append(r)

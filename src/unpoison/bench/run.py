@@ -45,6 +45,17 @@ from ..errors import UserError
 from ..params import Param
 from ..utils import Timer, atomic_path, manifest, parse_fraction, psnr, write_json
 from .grid import Cell, import_plugins, short_hash
+from .report import (
+    SectionFn,
+    amplify_section,
+    detect_section,
+    diffusion_section,
+    disentangle_section,
+    partial_section,
+    purify_section,
+    theorem2_section,
+)
+from .report_scan import scan_section
 
 KindFn = Callable[["CellContext"], dict[str, Any]]
 #: file name of the DDPM a ``train-diffusion`` cell leaves in its folder
@@ -62,7 +73,8 @@ class Kind:
     its cells, declared here rather than known by name in :mod:`unpoison.bench.check`: ``checks`` (the steps,
     by name: params, train, attack, defense, diffusion), ``data`` (whether a cell loads a dataset),
     ``detector`` (its ``params`` name a purifier that flags samples), ``builds_defense`` (whether the defense
-    entry is built as a purifier), ``ratio`` (the poison ratio when a cell names none).
+    entry is built as a purifier), ``ratio`` (the poison ratio when a cell names none), ``report`` (the
+    section of :func:`unpoison.bench.report.build_report` that lays its cells out; none: no section).
     """
 
     name: str
@@ -75,6 +87,7 @@ class Kind:
     detector: bool = False
     builds_defense: bool = True
     ratio: float = 1.0
+    report: SectionFn | None = None
 
 
 #: experiment functions, selected by a cell's ``kind``
@@ -261,7 +274,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 # --- experiment kinds --------------------------------------------------------------------------------------
 @kind("purify", "attack -> pre-training purifier or training-time defense -> clean test accuracy",
-      params={"no_aug_column": Param(bool, False, "also score without crop + flip (what the augmentation defeats)")})
+      params={"no_aug_column": Param(bool, False, "also score without crop + flip (what the augmentation defeats)")},
+      report=purify_section)
 def kind_purify(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds)
@@ -322,7 +336,7 @@ def _p_hat(ctx: CellContext, x: np.ndarray, y: np.ndarray, x_apply: np.ndarray |
 
 @kind("disentangle-check", "Table 1 + per stage: how much poison each stage removed (corr(p_hat, p), energy "
       "removed, poison left, PSNR to clean); clean + p_hat still poisons (acc on clean train/test, poisoned)",
-      defense="stage1")
+      defense="stage1", report=disentangle_section)
 def kind_disentangle_check(ctx: CellContext) -> dict[str, Any]:
     """Purify (both stages), measure every stage against the clean images, then the paper's Table 1 check: a
     classifier trained on clean + p_hat, scored on the clean training images T, the clean test images D and the
@@ -386,7 +400,7 @@ _DETECT_PARAMS: dict[str, Param] = {
 
 
 @kind("detect", "Table 7: flag poisoned samples from D-VAE's stage-1 p_hat (acc, recall, precision, F1)",
-      params=_DETECT_PARAMS, defense="stage1", detector=True, builds_defense=False)
+      params=_DETECT_PARAMS, defense="stage1", detector=True, builds_defense=False, report=detect_section)
 def kind_detect(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds, ratio=float(ctx.c.get("ratio", 1.0)))
@@ -401,7 +415,7 @@ def kind_detect(ctx: CellContext) -> dict[str, Any]:
       "(recall, precision, F1) against the poisoned indices", defense="none",
       params={"signals": Param(list, None, "the scan's signals (default: unpoison.scan.DEFAULT_SIGNALS)"),
               "threshold": Param(float, None, "the verdict's |z| threshold (default: the scan's)", low=0,
-                                 low_open=True)})
+                                 low_open=True)}, report=scan_section)
 def kind_scan(ctx: CellContext) -> dict[str, Any]:
     from ..scan import ScanConfig, scan
     from ..viz import save_scan_evidence
@@ -430,7 +444,7 @@ def kind_scan(ctx: CellContext) -> dict[str, Any]:
 
 @kind("partial", "Table 8: poison a fraction; detect, then purify only the flagged part (or all)",
       params={**_DETECT_PARAMS, "detect_first_for": Param(list, ["dvae"], "defenses that purify only flagged images")},
-      defense="purifier", detector=True)
+      defense="purifier", detector=True, report=partial_section)
 def kind_partial(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     x_p, idx, ainfo = ctx.poison(ds, ratio=float(ctx.c.get("ratio", 1.0)))
@@ -468,7 +482,7 @@ def kind_partial(ctx: CellContext) -> dict[str, Any]:
 
 
 @kind("amplify", "Sec. 5.2: D-VAE fit on a small poisoned part adds p_hat to the clean rest", defense="apply",
-      ratio=0.01)
+      ratio=0.01, report=amplify_section)
 def kind_amplify(ctx: CellContext) -> dict[str, Any]:
     ds = ctx.data()
     ratio = float(ctx.c.get("ratio", KINDS.get("amplify").ratio))
@@ -486,7 +500,7 @@ def kind_amplify(ctx: CellContext) -> dict[str, Any]:
 
 @kind("theorem2", "Theorem 2: KLD of a normalised two-Gaussian mixture vs its bounds (numerical)",
       params={"r": Param(list, None, "ratios r = delta/sigma to integrate at (default: a log-spaced range)")},
-      defense="none", data=False, checks=("params",))
+      defense="none", data=False, checks=("params",), report=theorem2_section)
 def kind_theorem2(ctx: CellContext) -> dict[str, Any]:
     from .theorem2 import check_theorem2
 
@@ -496,7 +510,7 @@ def kind_theorem2(ctx: CellContext) -> dict[str, Any]:
 
 
 @kind("train-diffusion", "a dependency: the DDPM that this dataset's AVATAR cells denoise with", defense="none",
-      checks=("params", "diffusion"))
+      checks=("params", "diffusion"), report=diffusion_section)
 def kind_train_diffusion(ctx: CellContext) -> dict[str, Any]:
     from ..defenses.avatar import save_checkpoint, train_diffusion
 
