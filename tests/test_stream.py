@@ -311,8 +311,9 @@ def test_a_dead_rank_ends_the_job_with_one_line_and_resume_finishes_it(tmp_path:
     src = _npy_folder(tmp_path, n=48)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "unpoison", "purify", str(src), str(out), "--method", "dvae", "--preset", "cpu",
-           "--width", "8", "--latent", "8", "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--quiet",
-           "--nproc", "2"]
+           "--width", "8", "--latent", "8", "--epochs", "40", "--batch-size", "16", "--device", "cpu", "--quiet",
+           "--nproc", "2"]  # 40 epochs: the stage-1 epoch checkpoint lives long enough to be seen (it is removed
+    # when the stage ends; at 2 epochs the faster D-VAE finished the whole job between two polls)
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ck = tmp_path / "out.report" / "checkpoints" / "stage1.epoch.pt"
     t0 = time.monotonic()
@@ -320,7 +321,7 @@ def test_a_dead_rank_ends_the_job_with_one_line_and_resume_finishes_it(tmp_path:
         while not ck.exists():
             assert p.poll() is None, p.communicate()
             assert time.monotonic() - t0 < 240, "no checkpoint after 240 s"
-            time.sleep(0.1)
+            time.sleep(0.02)
         ranks = [c for k in _children(p.pid) for c in [k, *_children(k)] if _rank(c) == 1]
         assert ranks, "rank 1 not found"
         os.kill(ranks[0], signal.SIGKILL)

@@ -223,23 +223,25 @@ def _purifier(name: str, params: dict[str, Any], c: dict[str, Any], data: DataFa
     if need == "apply" and not hasattr(cls, "estimate_perturbation"):
         raise UserError(f"{what}defense {name!r} cannot infer p_hat on new images (no estimate_perturbation)")
     kw = dict(params)
-    from_dep = name == "avatar" and not kw.get("checkpoint") and c.get("diffusion_cell")
+    dep = cls.DEPENDENCY
+    from_dep = dep is not None and not kw.get(dep.param) and bool(c.get(dep.cell_key))
     if from_dep:
-        kw["checkpoint"] = "<trained by the grid's train-diffusion cell>"
+        kw[dep.param] = f"<made by the grid's {dep.kind} cell>"
     # built as the cell will build it (a checkpoint folder too); __init__ does no I/O, so the path is not touched
     ckpt = "<the cell's checkpoint folder>" if cls.supports_checkpoint else None
     try:
         pur = make_purifier(name, device=c.get("device", "auto"), seed=int(c.get("seed", 0)), progress=False,
                             checkpoint_dir=ckpt, resume=ckpt is not None, **kw)
     except UserError as e:
-        hint = " (or give the config a top-level 'diffusion:' so the grid trains one first)" if name == "avatar" else ""
+        hint = (f" (or give the config a top-level '{dep.config_key}:' so the grid makes one first)"
+                if dep is not None else "")
         raise UserError(f"{what}{e}{hint}") from None
     if name == "avatar":
         from ..defenses.avatar import _require_diffusers
 
         _require_diffusers()
     for f in pur.required_files():
-        if not (from_dep and f == kw.get("checkpoint")) and not Path(f).expanduser().is_file():
+        if not (from_dep and dep is not None and f == kw.get(dep.param)) and not Path(f).expanduser().is_file():
             raise UserError(f"{what}defense {name!r} needs the file {f}, which does not exist")
     pur.check_input(data.shape)
 

@@ -285,25 +285,30 @@ def expand(cfg: dict[str, Any]) -> list[Cell]:
 
 
 def _dependency_cells(cells: list[Cell], cfg: dict[str, Any], start: int) -> list[Cell]:
-    """Cells the grid must finish first: AVATAR without a ``checkpoint`` gets its DDPM from a
-    ``train-diffusion`` cell per (dataset, subset, seed), trained on that dataset's clean training split
-    with the config's ``diffusion:`` settings. Dependents name it in ``needs``."""
-    diff = cfg.get("diffusion")
+    """Cells the grid must finish first, as each defense declares them (:class:`unpoison.defenses.base.Dependency`;
+    AVATAR without a ``checkpoint`` gets its DDPM from a ``train-diffusion`` cell per (dataset, subset, seed),
+    trained on that dataset's clean training split with the config's ``diffusion:`` settings). Dependents name
+    it in ``needs``."""
+    from ..defenses import DEFENSES
+
     deps: dict[str, Cell] = {}
     for cell in cells:
         c = cell.config
-        if c["defense"]["name"] != "avatar" or c["defense"]["params"].get("checkpoint") or not diff:
+        name = c["defense"]["name"]
+        dep = DEFENSES.get(name).DEPENDENCY if name in DEFENSES else None
+        if dep is None or c["defense"]["params"].get(dep.param) or not cfg.get(dep.config_key):
             continue
-        dep_cfg = {"kind": "train-diffusion", "dataset": c["dataset"], "subset": c["subset"], "seed": c["seed"],
-                   "diffusion": diff, "device": c["device"], "resources": c["resources"], "plugins": c["plugins"],
+        dep_cfg = {"kind": dep.kind, "dataset": c["dataset"], "subset": c["subset"], "seed": c["seed"],
+                   dep.config_key: cfg[dep.config_key], "device": c["device"], "resources": c["resources"],
+                   "plugins": c["plugins"],
                    "attack": {"name": "none", "label": "none", "params": {}},
                    "defense": {"name": "none", "label": "none", "params": {}}, "model": None, "params": {},
                    "train": {}, "attack_preset": None}
-        key = f"train-diffusion|dataset={c.get('dataset_label', c['dataset'])}|seed={c['seed']}"
+        key = f"{dep.kind}|dataset={c.get('dataset_label', c['dataset'])}|seed={c['seed']}"
         if key not in deps:
             deps[key] = Cell(key=key, index=start + len(deps), config=dep_cfg)
         c["needs"] = [key]
-        c["diffusion_cell"] = deps[key].id
+        c[dep.cell_key] = deps[key].id
     return list(deps.values())
 
 

@@ -59,7 +59,6 @@ from .report_scan import scan_section
 
 KindFn = Callable[["CellContext"], dict[str, Any]]
 #: file name of the DDPM a ``train-diffusion`` cell leaves in its folder
-DIFFUSION_FILE = "diffusion.pt"
 
 
 @dataclass(frozen=True)
@@ -204,9 +203,11 @@ class CellContext:
         d = self.c["defense"]
         name = name or d["name"]
         kw = dict(d["params"] if params is None else params)
-        if name == "avatar" and not kw.get("checkpoint") and self.c.get("diffusion_cell"):
-            kw["checkpoint"] = str(self.outdir / "cells" / self.c["diffusion_cell"] / DIFFUSION_FILE)
-        ckpt = str(self.dir / "ckpt" / sub) if DEFENSES.get(name).supports_checkpoint else None
+        cls = DEFENSES.get(name)
+        dep = cls.DEPENDENCY
+        if dep is not None and not kw.get(dep.param) and self.c.get(dep.cell_key):
+            kw[dep.param] = str(self.outdir / "cells" / self.c[dep.cell_key] / dep.file)
+        ckpt = str(self.dir / "ckpt" / sub) if cls.supports_checkpoint else None
         return make_purifier(name, device=self.device, seed=self.seed, progress=self.progress,
                              checkpoint_dir=ckpt, resume=ckpt is not None, **kw)
 
@@ -512,7 +513,7 @@ def kind_theorem2(ctx: CellContext) -> dict[str, Any]:
 @kind("train-diffusion", "a dependency: the DDPM that this dataset's AVATAR cells denoise with", defense="none",
       checks=("params", "diffusion"), report=diffusion_section)
 def kind_train_diffusion(ctx: CellContext) -> dict[str, Any]:
-    from ..defenses.avatar import save_checkpoint, train_diffusion
+    from ..defenses.avatar import DIFFUSION_FILE, save_checkpoint, train_diffusion
 
     ds = ctx.data()
     d = dict(ctx.c.get("diffusion") or {})

@@ -34,9 +34,11 @@ from ..errors import UserError
 from ..params import Param
 from ..presets import PresetTable, register_presets
 from ..tensors import pick_device, rng_scope
-from .base import DEFENSES, Purifier
+from .base import DEFENSES, Dependency, Purifier
 
 FORMAT = "unpoison-diffusion"
+#: the checkpoint a grid's train-diffusion cell writes into its folder
+DIFFUSION_FILE = "diffusion.pt"
 VERSION = 1
 
 #: UNet sizes and training settings. ``toy``: tests on CPU (seconds); ``cpu``: small Fashion-MNIST
@@ -213,6 +215,8 @@ class AvatarPurifier(Purifier):
         "batch_size": Param(int, 256, "images per denoising batch", low=1),
     }
     COMMON = frozenset({"device", "seed", "progress"})
+    #: without a checkpoint, a grid whose config has ``diffusion:`` trains one first (kind train-diffusion)
+    DEPENDENCY = Dependency(kind="train-diffusion", config_key="diffusion", param="checkpoint", file=DIFFUSION_FILE)
 
     def __init__(self, checkpoint: str | None = None, t_star: int = 100, batch_size: int = 256,
                  device: str = "auto", seed: int = 0, progress: bool = True, accel: Accel | None = None) -> None:

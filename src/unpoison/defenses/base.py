@@ -11,6 +11,7 @@ that the scoring protocol applies to every batch (see :data:`unpoison.train.Trai
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,23 @@ from ..errors import UserError
 from ..params import Param, check_params
 from ..presets import show_value
 from ..tensors import TrainDefense
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A file a defense needs that a benchmark grid can make first, in a cell of its own (AVATAR's DDPM):
+    when a cell's ``param`` is empty and the grid config has a ``config_key:`` section, the grid adds one
+    ``kind`` cell per (dataset, subset, seed) sized by that section, and the cell reads ``file`` from it."""
+
+    kind: str
+    config_key: str
+    param: str
+    file: str
+
+    @property
+    def cell_key(self) -> str:
+        """The dependent cell's config entry naming the dependency cell's id."""
+        return f"{self.config_key}_cell"
 
 
 class Purifier:
@@ -56,6 +74,8 @@ class Purifier:
     def get_params(self) -> dict[str, Any]:
         return dict(self.params)
 
+    #: a file a benchmark grid can make for this defense first (see :class:`Dependency`); None: none
+    DEPENDENCY: Dependency | None = None
     #: the smallest settings (preset and parameters) that still run every code path (see :meth:`smoke`)
     SMOKE: dict[str, Any] = {}
 
