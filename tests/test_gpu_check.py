@@ -50,7 +50,7 @@ def test_dry_run_writes_the_table_and_json(tmp_path: Path) -> None:
     d = sec["dvae_speed"]["results"]
     assert d["product"]["train"]["img_s"] > 0 and d["reference"]["infer"]["img_s"] > 0
     assert d["reference"]["accel"] == {"bf16": False, "fused_adam": False, "compile": False,
-                                       "channels_last": False, "infer_batch": 256}
+                                       "channels_last": False, "infer_batch": 256, "bf16_infer": None}
     two = sec["two_stage"]["results"]
     assert two["epochs_run"] == 2 and two["epochs_preset"] == 60
     assert two["extrapolated_total_s"] > two["fit_s"]  # 60 epochs a stage take longer than the 2 run

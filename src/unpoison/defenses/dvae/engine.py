@@ -179,12 +179,12 @@ def _infer_to(model: nn.Module, x: BatchSource, y: torch.Tensor | None, accel: A
     bad = torch.zeros((), dtype=torch.bool, device=dev)
     per_class = None
     if isinstance(model, DVAE) and keys == ("p_hat",) and model.p_input == "class":
-        with accel.autocast(dev):
+        with accel.infer_autocast(dev):
             per_class = model.class_perturbations()  # p_hat depends on the label only: one pass per class
     for start, x_b in x.ranges(shard_ranges(len(x), accel.infer_batch, dist.rank, dist.world)):
         xb = _float_batch(x_b, fmt)
         yb = None if y is None else y[start:start + len(xb)]
-        with accel.autocast(dev):
+        with accel.infer_autocast(dev):
             out = _dvae_outputs(model, xb, yb, keys, per_class) if isinstance(model, DVAE) else model(xb)
         for name, res in fn({k: v.float() for k, v in out.items()}, xb).items():
             bad |= ~torch.isfinite(res).all()  # no sync per batch
