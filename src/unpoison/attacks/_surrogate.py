@@ -38,6 +38,13 @@ SURROGATE_PARAMS: dict[str, Param] = {
     "batch_size": Param(int, 128, "batch size for surrogate training and noise updates", low=1),
     "lr": Param(float, 0.1, "surrogate SGD learning rate", low=0, low_open=True),
 }
+#: the alternating loop of the min-min attacks (EM, REM): rounds of surrogate steps, then noise steps
+ROUND_PARAMS: dict[str, Param] = {
+    "rounds": Param(int, 100, "most outer rounds (each: train_steps model steps, pgd_steps noise steps)", low=1),
+    "train_steps": Param(int, 10, "surrogate SGD steps per round", low=0),
+    "pgd_steps": Param(int, 20, "noise steps per round (every image)", low=0),
+    "step_frac": Param(float, 0.1, "noise step as a fraction of eps (0.8/255 at 8/255)", low=0),
+}
 
 
 def poisoned(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..params import Param
 from ..tensors import augment_batch, crop_pad
-from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
+from ._surrogate import ROUND_PARAMS, SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
 
@@ -29,10 +29,7 @@ class EM(SurrogateAttack):
         "preset": "cpu", "surrogate": "tinycnn", "rounds": 1, "pgd_steps": 2, "train_steps": 2}
     PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
-        "rounds": Param(int, 100, "most outer rounds (each: train_steps model steps, pgd_steps noise steps)", low=1),
-        "train_steps": Param(int, 10, "surrogate SGD steps per round", low=0),
-        "pgd_steps": Param(int, 20, "noise steps per round (every image)", low=0),
-        "step_frac": Param(float, 0.1, "noise step as a fraction of eps (0.8/255 at 8/255)", low=0),
+        **ROUND_PARAMS,
         "stop_acc": Param(float, 99.0, "stop once the surrogate's accuracy on poisoned data exceeds this (%)", low=0),
         "augment": Param(bool, False, "random crop + flip in surrogate training and (differentiably) in noise steps"),
     }

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..params import Param
 from ..tensors import augment_batch, crop_pad
-from ._surrogate import SURROGATE_PARAMS, SurrogateAttack, poisoned
+from ._surrogate import ROUND_PARAMS, SURROGATE_PARAMS, SurrogateAttack, poisoned
 from .base import register_attack
 
 
@@ -31,10 +31,8 @@ class REM(SurrogateAttack):
         "preset": "cpu", "surrogate": "tinycnn", "rounds": 1, "pgd_steps": 1, "train_steps": 2}
     PARAMS: ClassVar[dict[str, Param]] = {
         **SURROGATE_PARAMS,
-        "rounds": Param(int, 100, "most outer rounds", low=1),
+        **ROUND_PARAMS,
         "train_steps": Param(int, 10, "adversarial surrogate SGD steps per round", low=0),
-        "pgd_steps": Param(int, 20, "noise steps per round (every image)", low=0),
-        "step_frac": Param(float, 0.1, "noise step as a fraction of eps", low=0),
         "adv_radius": Param(float, 4 / 255, "radius rho_a of the inner l_inf adversarial perturbation", low=0),
         "adv_steps": Param(int, 10, "PGD steps of the inner maximisation", low=0),
         "eot": Param(int, 5, "augmentation samples averaged per noise step", low=1),
