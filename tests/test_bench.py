@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ DATA = "synthetic:n=64,size=8,channels=3,classes=4,seed=0"
 PLUGIN = '''
 import json, os, signal
 from pathlib import Path
+from typing import Any
 import numpy as np
 from unpoison.defenses.base import DEFENSES, Purifier
 
@@ -470,3 +472,54 @@ def test_ablation_report_shows_stage1_and_where_each_defense_wins(tmp_path: Path
     assert line.startswith(f"lsp,D-VAE,all,4,{corr:.3f},") and ",74.0%," in line
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Ablation: does stage 1 earn its cost?" in page and "88.00 [r 0.80, E 60%]" in page
+
+
+def test_extend_grows_a_grid_keeping_finished_cells(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--extend adds a config's new cells to an OUTDIR holding an earlier version of the grid; finished cells
+    are not rerun; a cell whose label now names another config, or another grid's name, is refused unchanged."""
+    def write(defenses: list[Any], name: str = "grow") -> Path:
+        cfg = tmp_path / f"{name}-{len(defenses)}.yaml"
+        cfg.write_text(yaml.safe_dump({"name": name, "axes": {"dataset": [DATA], "attack": ["lsp"],
+                                       "defense": defenses, "model": ["tinycnn"]},
+                                       "train": {"preset": "smoke", "epochs": 1}}))
+        return cfg
+
+    out = tmp_path / "out"
+    assert run_grid(str(write(["none"])), out, progress=False)["done"] == 1
+    first = {r["key"]: r for r in Store.open_existing(out).rows()}
+    bigger = write(["none", "gray"])
+    with pytest.raises(UserError, match="--extend"):
+        run_grid(str(bigger), out, progress=False)
+    assert run_grid(str(bigger), out, progress=False, extend=True)["done"] == 2
+    rows = {r["key"]: r for r in Store.open_existing(out).rows()}
+    assert len(rows) == 2 and all(rows[k]["finished"] == first[k]["finished"] for k in first)
+    db = out / "results.sqlite"
+    before = db.read_bytes()
+    changed = write([{"name": "gray", "label": "none"}, "jpeg"])  # label "none" now names another defense
+    assert main(["bench", str(changed), str(out), "--extend", "--quiet"]) == 2
+    assert "another config" in capsys.readouterr().err and db.read_bytes() == before
+    assert main(["bench", str(write(["none", "gray", "jpeg"], name="other")), str(out), "--extend", "--quiet"]) == 2
+    assert "--extend: OUTDIR holds grid" in capsys.readouterr().err and db.read_bytes() == before
+
+
+def test_frontier_report_gives_cpu_time_gaps_and_the_plot(tmp_path: Path) -> None:
+    """The frontier layout from a store with known numbers: each defense's mean purification CPU time, its worst
+    gap to the clean set over the effective poisons, its clean-set cost, and the accuracy-vs-CPU-time figure."""
+    cfg = load_config("frontier", "smoke")
+    cells = expand(cfg)
+    acc = {"w/o": {"none": 90.0, "lsp": 30.0}, "BDR-2": {"none": 88.0, "lsp": 85.0},
+           "D-VAE tiny": {"none": 89.0, "lsp": 87.5}}
+    cpu = {"w/o": 0.0, "BDR-2": 3.0, "D-VAE tiny": 120.0}
+    store = Store.create_or_open(tmp_path, fingerprint(cells), cells, cfg)
+    for c in cells:
+        d, a = c.config["defense"]["label"], c.config["attack"]["label"]
+        t = cpu[d] + (60.0 if a == "lsp" else 0.0)  # mean over the two attacks: cpu + 30 s
+        store.record(c.key, {"status": "done", "results": {"final_acc": acc[d][a]},
+                             "timings": {"total": 1.0, "purify": 2 * t, "purify_cpu": t}})
+    store.close()
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| D-VAE tiny | 2.50 | 87.50 | 89.00 | 2.50 | 1.00 |" in md  # (120 + 30) s = 2.5 min; gaps 90 - 87.5, 90 - 89
+    assert "| BDR-2 | 0.55 | 85.00 | 88.00 | 5.00 | 2.00 |" in md
+    assert "| w/o | - | 30.00 | 90.00 | 60.00 | 0.00 |" in md
+    assert list((tmp_path / "report" / "figures").glob("frontier-*.png"))

@@ -306,3 +306,26 @@ def test_class_only_p_hat_runs_once_per_class(embedding: str) -> None:
     x_only = _infer(m, src, y, acc, lambda o, xb: o["x_hat"], ("x_hat",))
     assert torch.allclose(p_only, xf - ref["p_hat"], atol=1e-5)
     assert torch.allclose(x_only, ref["x_hat"], atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["mean", "median"])
+def test_p_refit_sets_each_class_to_its_residual_mean_or_median(how: str) -> None:
+    """p_refit replaces D_p(u_y) by the class mean / median of x - x_hat(mu) over the training images, computed
+    here by hand from the fitted model; purification then subtracts exactly that table."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    y = np.arange(40) % 4
+    pur = make_purifier("dvae", preset="cpu", epochs=1, width=4, width1=4, latent=4, p_refit=how, progress=False)
+    pur.fit(x, y)
+    m1 = pur.models_["stage1"]
+    xf = torch.as_tensor(x).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        r = xf - m1.reconstruct(xf)
+    want = torch.stack([(r[torch.as_tensor(y == k)].mean(0) if how == "mean" else
+                         r[torch.as_tensor(y == k)].median(0).values) for k in range(4)])
+    assert bool(m1.p_table_set) and torch.allclose(m1.p_table, want, atol=1e-5)
+    p_hat = pur.estimate_perturbation(x, y).astype(np.float32) / 255
+    assert np.allclose(p_hat, want.permute(0, 2, 3, 1).numpy()[y], atol=2e-3)  # float16, 0..255 units
+    assert bool(pur.models_["stage2"].p_table_set)
+    with pytest.raises(UserError, match="p_input='class'"):
+        DVAE(1, 8, 4, width=4, latent=4, p_input="features").set_class_perturbations(want)

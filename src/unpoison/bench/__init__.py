@@ -45,11 +45,13 @@ def check_config(config: str | Path, preset: str | None = None, datasets: list[s
 
 def run_grid(config: str | Path, outdir: str | Path, preset: str | None = None, executor: str = "local",
              workers: int = 1, address: str | None = None, progress: bool = True, retry_failed: bool = True,
-             datasets: list[str] | None = None, allow_plugins: bool = False, **executor_kw: Any) -> dict[str, int]:
+             datasets: list[str] | None = None, allow_plugins: bool = False, extend: bool = False,
+             **executor_kw: Any) -> dict[str, int]:
     """Run every unfinished cell of ``config`` (with ``preset``) into ``outdir``; return status counts.
 
     The whole grid is checked first: bad names, parameters, files or datasets, an OUTDIR holding another
-    grid or an incompatible store raise :class:`UserError` before anything is written. Cells finished on
+    grid or an incompatible store raise :class:`UserError` before anything is written (``extend``: an earlier
+    version of this grid, same name and preset, grows instead and keeps its finished cells). Cells finished on
     other data (the content behind a dataset spec changed) run again. Cells a grid ``needs`` first (AVATAR's
     diffusion model) run before their dependents; a dependent of a failed one fails without running.
     """
@@ -64,7 +66,7 @@ def run_grid(config: str | Path, outdir: str | Path, preset: str | None = None, 
             if len(grid.problems) > 1 else ""
         raise UserError(f"{grid.problems[0]}{more}", grid.config.get("_source"))
     cells = grid.cells
-    store = Store.create_or_open(outdir, fingerprint(cells), cells, grid.config)
+    store = Store.create_or_open(outdir, fingerprint(cells), cells, grid.config, extend=extend)
     try:
         todo, stale = store.todo(cells, retry_failed)
         if stale and progress:

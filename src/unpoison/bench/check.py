@@ -22,7 +22,7 @@ from .run import KINDS, Kind, load_for_cell, subset_args
 
 #: the report's ``table:`` keys
 _TABLE_KEYS = {"rows", "cols", "mean_row", "mean_col", "psnr_row", "layout"}
-_LAYOUTS = ("grid", "efficacy", "ablation")
+_LAYOUTS = ("grid", "efficacy", "ablation", "frontier")
 _DIFFUSION_KEYS = {"preset", "epochs", "batch_size", "lr", "flip"}
 
 

@@ -10,7 +10,8 @@ the true perturbation (corr with quartiles, energy removed) and, per stage, the 
 to the clean images; their ``residual.png`` grids (p, p_hat, p - p_hat) join the image grids.
 ``table: {layout: ablation}`` (Tables 5-6 shape) shows accuracy with stage 1's corr and energy removed in
 each cell, the means over the attacks, the best defense per attack, and where each defense wins.
-Accuracies are the mean over seeds (``± std`` when there are several). ``table: {layout: efficacy}``
+Accuracies are the mean over seeds (``± std`` when there are several). ``table: {layout: frontier}`` adds
+each defense's purification CPU time and a plot of accuracy against it. ``table: {layout: efficacy}``
 lays a purify grid out per attack (bound, PSNR, surrogate accuracy, test accuracy, drop vs clean,
 accuracy without crop/flip, craft time).
 
@@ -312,6 +313,81 @@ def fig_bars(table: Table, path: Path, title: str) -> Path | None:
     return _fig_to_png(fig, path)
 
 
+def _purify_cpu_s(r: dict[str, Any]) -> float | None:
+    """A cell's purification CPU seconds (fit + transform; every thread of the process), else its wall seconds."""
+    t = r.get("timings") or {}
+    v = t.get("purify_cpu", t.get("purify"))
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def fig_frontier(cells: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Accuracy after purification vs the purification's CPU time: one colour per attack, one point per defense
+    (a learned defense's cost is its fit + transform; w/o is left out)."""
+    pts: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for r in cells:
+        res, cpu = r["results"] or {}, _purify_cpu_s(r)
+        if r["status"] != "done" or cpu is None or r["config"]["defense"]["name"] == "none":
+            continue
+        if res.get("final_acc") is not None:
+            pts[axis_label(r["config"], "attack")].append((max(cpu / 60, 1e-3), res["final_acc"],
+                                                           axis_label(r["config"], "defense")))
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for atk, p in pts.items():
+        p.sort()
+        ax.plot([a for a, _, _ in p], [b for _, b, _ in p], marker="o", lw=0.6, label=atk)
+        for a, b, lab in p:
+            ax.annotate(lab, (a, b), fontsize=5, alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("purification CPU time [min] (fit + transform)")
+    ax.set_ylabel("clean test accuracy [%]")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _fig_to_png(fig, path)
+
+
+def frontier_table(cells: list[dict[str, Any]], title: str) -> Table:
+    """Per defense: its purification CPU time (mean over the attacks), the accuracy on each attack, and the
+    two numbers the targets are stated in: the largest gap to the clean set (w/o) over the effective poisons
+    (w/o >= 10 points below clean) and the cost on the clean set."""
+    defs: list[str] = []
+    atks: list[str] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    clean_atk = none_def = None
+    for r in cells:
+        a, d = axis_label(r["config"], "attack"), axis_label(r["config"], "defense")
+        defs += [d] if d not in defs else []
+        atks += [a] if a not in atks else []
+        groups[(d, a)].append(r)
+        clean_atk = a if r["config"]["attack"]["name"] == "none" else clean_atk
+        none_def = d if r["config"]["defense"]["name"] == "none" else none_def
+
+    def acc(d: str, a: str) -> float | None:
+        v = _finite([(r["results"] or {}).get("final_acc") for r in groups.get((d, a), []) if r["status"] == "done"])
+        return float(np.mean(v)) if v else None
+
+    base = acc(none_def, clean_atk) if none_def and clean_atk else None
+    effective = [a for a in atks if a != clean_atk and base is not None and none_def is not None
+                 and (v := acc(none_def, a)) is not None and base - v >= 10]
+    body = []
+    for d in defs:
+        cpu = _finite([_purify_cpu_s(r) for a in atks for r in groups.get((d, a), []) if r["status"] == "done"])
+        gaps = [base - v for a in effective if base is not None and (v := acc(d, a)) is not None]
+        clean = acc(d, clean_atk) if clean_atk else None
+        body.append([d, f"{np.mean(cpu) / 60:.2f}" if cpu and d != none_def else "-",
+                     *[_num_text(acc(d, a), "{:.2f}") for a in atks],
+                     f"{max(gaps):.2f}" if gaps and len(gaps) == len(effective) else "-",
+                     f"{base - clean:.2f}" if base is not None and clean is not None else "-"])
+    header = ["defense", "purify CPU min (mean)", *atks, "worst gap to clean (effective)", "clean-set cost"]
+    note = ("CPU time: fit + transform of the purifier, all its threads, mean over the attacks it ran on (wall time "
+            "moves with the machine's load). effective poisons: " + (", ".join(effective) or "none")
+            + (f"; clean (w/o) {base:.2f}" if base is not None else "") + ".")
+    return Table(title, header, body, note)
+
+
 def fig_theorem2(res: dict[str, Any], path: Path) -> Path:
     plt = _plt()
     rows = sorted(res["rows"], key=lambda r: r["r"])
@@ -585,12 +661,17 @@ def _rates(cells: list[dict[str, Any]]) -> dict[str, str]:
         d = axis_label(r["config"], "defense")
         if not isinstance(cfg, dict) or d in out:
             continue
+        applied = _dig(r["results"], "defense_info", "kld_limits") or {}  # after rate_rule
         if name == "dvae":
-            s1 = "" if cfg.get("skip_stage1") else f"stage 1 {cfg.get('kld_limit1')}, "
-            out[d] = f"{s1}stage 2 {cfg.get('kld_limit2')}"
+            s1 = "" if cfg.get("skip_stage1") else f"stage 1 {_g(applied.get('stage1', cfg.get('kld_limit1')))}, "
+            out[d] = f"{s1}stage 2 {_g(applied.get('stage2', cfg.get('kld_limit2')))}"
         elif name == "vae":
-            out[d] = f"{cfg.get('kld_limit')}"
+            out[d] = f"{_g(applied.get('vae', cfg.get('kld_limit')))}"
     return out
+
+
+def _g(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def disentangle_check_table(cells: list[dict[str, Any]], title: str) -> Table:
@@ -669,8 +750,14 @@ def purify_section(rows: list[dict[str, Any]], rc: ReportContext) -> Section:
         if spec.get("layout") == "efficacy":
             tables.append((f"{meta.get('name')}-{tag}", efficacy_table(cells, f"{title} — {ds}, {model}")))
             continue
-        if spec.get("layout") == "ablation":
+        if spec.get("layout") in ("ablation", "frontier"):
             tables.append((f"{meta.get('name')}-{tag}", ablation_table(cells, f"{title} — {ds}, {model}")))
+            if spec.get("layout") == "frontier":
+                tables.append((f"frontier-{tag}", frontier_table(cells, f"Quality vs compute — {ds}, {model}")))
+                p = fig_frontier(cells, rdir / "figures" / f"frontier-{tag}.png",
+                                 f"accuracy vs purification CPU time — {ds}, {model}")
+                if p:
+                    figures.append((f"Accuracy vs purification CPU time ({ds}, {model})", p))
             p = fig_bars(pivot(cells, "attack", "defense"), rdir / "figures" / f"bars-{tag}.png",
                          f"per-attack accuracy — {ds}, {model}")
             if p:

@@ -93,18 +93,27 @@ class Store:
         return cls(path, cls._check(path))
 
     @classmethod
-    def create_or_open(cls, outdir: str | Path, fp: str, cells: list[Cell], config: dict[str, Any]) -> Store:
-        """Create the store for this grid, or reopen it when OUTDIR already holds the same grid."""
+    def create_or_open(cls, outdir: str | Path, fp: str, cells: list[Cell], config: dict[str, Any],
+                       extend: bool = False) -> Store:
+        """Create the store for this grid, or reopen it when OUTDIR already holds the same grid (``extend``:
+        or an earlier version of it, see :meth:`_extend`)."""
         outdir = Path(outdir)
         path = outdir / DB_NAME
         if path.exists():
             conn = cls._check(path)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("fingerprint") != fp:
+                if extend:
+                    try:
+                        cls._extend(conn, path, meta, fp, cells, config)
+                    except BaseException:
+                        conn.close()
+                        raise
+                    return cls(path, conn)
                 conn.close()
                 raise UserError(f"OUTDIR holds another grid's results ({meta.get('name')!r}, preset "
                                 f"{meta.get('preset')!r}, fingerprint {meta.get('fingerprint')}; this grid is {fp}); "
-                                "use another OUTDIR", path)
+                                "use another OUTDIR, or --extend to add this grid's new cells to it", path)
             return cls(path, conn)
         outdir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{DB_NAME}.tmp")
@@ -122,6 +131,37 @@ class Store:
         conn.close()
         tmp.replace(path)  # a store appears whole or not at all
         return cls(path, cls._connect(path))
+
+    @staticmethod
+    def _extend(conn: sqlite3.Connection, path: Path, meta: dict[str, str], fp: str, cells: list[Cell],
+                config: dict[str, Any]) -> None:
+        """Grow a grid in place: the same name and preset; every cell it already holds keeps its status and
+        results when its config is unchanged; new cells are added pending; cells the config no longer names
+        stay (reported after the others). A cell whose label is held with another config is an error (its
+        results would be mistaken for the new config's): nothing is written then."""
+        if meta.get("name") != str(config.get("name")) or meta.get("preset") != str(config.get("_preset")):
+            raise UserError(f"--extend: OUTDIR holds grid {meta.get('name')!r} (preset {meta.get('preset')!r}), "
+                            f"not {config.get('name')!r} (preset {config.get('_preset')!r}); use another OUTDIR", path)
+        held = {r["key"]: json.loads(r["config"]) for r in conn.execute("SELECT key, config FROM cells")}
+        for c in cells:
+            if c.key in held and held[c.key] != json.loads(json.dumps(c.config)):
+                raise UserError(f"--extend: cell {c.key!r} is held with another config; give the changed entry a "
+                                "new label (nothing was written)", path)
+        wanted = {c.key for c in cells}
+        others = [k for k in held if k not in wanted]
+        conn.execute("BEGIN")
+        for c in cells:
+            if c.key in held:
+                conn.execute("UPDATE cells SET idx=? WHERE key=?", (c.index, c.key))
+            else:
+                conn.execute("INSERT INTO cells (key, idx, cell_id, kind, config) VALUES (?, ?, ?, ?, ?)",
+                             (c.key, c.index, c.id, c.config["kind"], json.dumps(c.config)))
+        for i, k in enumerate(others):
+            conn.execute("UPDATE cells SET idx=? WHERE key=?", (len(cells) + i, k))
+        for k, v in (("fingerprint", fp), ("config", to_json(config)),
+                     ("title", str(config.get("title") or config.get("name")))):
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
+        conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()

@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
     p.add_argument("--allow-plugins", action="store_true",
                    help="import the Python modules the config lists under 'plugins' (off: a config is data)")
     p.add_argument("--report", action="store_true", help="write OUTDIR/report/ when the grid ends")
+    p.add_argument("--extend", action="store_true",
+                   help="OUTDIR holds an earlier version of this grid (same name and preset): add the config's new "
+                        "cells and keep the finished ones (a changed cell needs a new label)")
     add_quiet(p)
     p.set_defaults(func=run)
 
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--address is for --executor ray")
     counts = run_grid(args.config, args.outdir, preset=preset, executor=args.executor, workers=args.workers,
                       address=args.address, progress=not args.quiet, retry_failed=not args.skip_failed,
-                      datasets=args.dataset, allow_plugins=args.allow_plugins)
+                      datasets=args.dataset, allow_plugins=args.allow_plugins, extend=args.extend)
     print(f"{args.outdir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if args.report:
         print(f"report: {build_report(args.outdir)}")

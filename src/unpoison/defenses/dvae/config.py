@@ -57,6 +57,12 @@ class DVAEConfig:
                         choices=LOSS_FORMS, methods=("dvae",))
     rec_weight: float = _f(1.0, "weight of ||x - x_hat||^2 in Eq. 14 (paper: 1)", methods=("dvae",))
     detach_residual: bool = _f(True, "no gradient from Eq. 14's second term into x_hat", methods=("dvae",))
+    p_refit: str = _f("none", "after each stage's training, replace the class-wise D_p(u_y) by the class mean or "
+                      "median of x - x_hat(mu) on the training images (p_input=class; none = D_p as trained)",
+                      choices=("none", "mean", "median"), methods=("dvae",))
+    rate_rule: str = _f("fixed", "fixed: KLD limits as given; channels: limits x C/3 (the paper's limits are per "
+                        "latent position of 3-channel images)", choices=("fixed", "channels"),
+                        methods=("dvae", "vae"))
     p_cap: float = _f(0.0, "> 0: add max(mean(p_hat^2), p_cap) (the release: 0.002); 0 = off", 0, methods=("dvae",))
     skip_stage1: bool = _f(False, "ablation (Table 6): purify with stage 2 only", methods=("dvae",))
     stage2_subtract: bool = _f(True, "ablation (Table 6): false -> x3 = x_hat(x1), no subtraction in stage 2",
@@ -84,6 +90,12 @@ class DVAEConfig:
         if self.steps <= 0:
             return self.epochs
         return max(1, math.ceil(self.steps / max(1, math.ceil(n / self.batch_size))))
+
+    def limit_for(self, limit: float, channels: int) -> float:
+        """A KLD limit as applied to ``channels``-channel images under :attr:`rate_rule`. A latent position at
+        x1/d covers ``d*d*C`` pixel values: the paper's limits were set with C = 3, so ``channels`` scales them
+        to the same nats per pixel value (1-channel images: a third)."""
+        return limit * channels / 3.0 if self.rate_rule == "channels" else limit
 
     def check(self) -> None:
         """Every field against its declared type and range (one-line :class:`UserError`)."""
