@@ -519,7 +519,7 @@ def test_frontier_report_gives_cpu_time_gaps_and_the_plot(tmp_path: Path) -> Non
     store.close()
     assert main(["report", str(tmp_path)]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| D-VAE tiny | 2.50 | 87.50 | 89.00 | 2.50 | 1.00 |" in md  # (120 + 30) s = 2.5 min; gaps 90 - 87.5, 90 - 89
+    assert "| D-VAE tiny | 2.50 | 87.50 | 89.00 | 2.50 | 1.00 |" in md  # (120 + 30) s; 90 - 87.5; 90 - 89
     assert "| BDR-2 | 0.55 | 85.00 | 88.00 | 5.00 | 2.00 |" in md
     assert "| w/o | - | 30.00 | 90.00 | 60.00 | 0.00 |" in md
     assert list((tmp_path / "report" / "figures").glob("frontier-*.png"))

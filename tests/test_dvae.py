@@ -327,5 +327,7 @@ def test_p_refit_sets_each_class_to_its_residual_mean_or_median(how: str) -> Non
     p_hat = pur.estimate_perturbation(x, y).astype(np.float32) / 255
     assert np.allclose(p_hat, want.permute(0, 2, 3, 1).numpy()[y], atol=2e-3)  # float16, 0..255 units
     assert bool(pur.models_["stage2"].p_table_set)
+    from unpoison.defenses.dvae.purifiers import TabledDVAE
+
     with pytest.raises(UserError, match="p_input='class'"):
-        DVAE(1, 8, 4, width=4, latent=4, p_input="features").set_class_perturbations(want)
+        TabledDVAE(1, 8, 4, width=4, latent=4, p_input="features").set_class_perturbations(want)

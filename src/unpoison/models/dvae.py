@@ -154,23 +154,11 @@ class DVAE(_VariationalBase):
             num_classes, 2 * width, 1, 1)
         self.class_embedding = nn.Parameter(torch.randn(shape) * embed_std if embed_std > 0 else torch.zeros(shape))
         self.perturbation_decoder = Decoder(in_channels, width, downsample, sigmoid=False)
-        # a refitted per-class p_hat (set_class_perturbations); used instead of D_p(u_y) once set
-        self.register_buffer("p_table", torch.zeros(num_classes, in_channels, h, w))
-        self.register_buffer("p_table_set", torch.zeros((), dtype=torch.bool))
-
-    def set_class_perturbations(self, table: torch.Tensor) -> None:
-        """Replace ``D_p(u_y)`` by a fixed per-class table (``num_classes x C x H x W``; p_input="class" only)."""
-        if self.p_input != "class":
-            raise UserError("a per-class p_hat table needs p_input='class'")
-        self.p_table.copy_(table.to(self.p_table))
-        self.p_table_set.fill_(True)
 
     def class_perturbations(self) -> torch.Tensor:
         """``D_p(u_y)`` of every class, ``num_classes x C x H x W``: with ``p_input="class"`` the estimate
         depends on the label only (InstanceNorm is per sample), so a batch needs one decoder pass per class,
         not per image (measured: docs/results/purify_speed.md)."""
-        if bool(self.p_table_set):
-            return self.p_table
         h, w = self.image_size
         u = self.class_embedding.expand(-1, -1, h // self.downsample, w // self.downsample)
         return self.perturbation_decoder(u)
@@ -179,7 +167,7 @@ class DVAE(_VariationalBase):
                      h: torch.Tensor | None = None) -> torch.Tensor:
         """``p_hat`` of labels ``y`` (``feats``: encoder features, ``h``: ``from_z(z)``, as ``p_input`` needs)."""
         if self.p_input == "class":
-            if self.num_classes <= len(y) or bool(self.p_table_set):  # per class, then gathered (same values)
+            if self.num_classes <= len(y):  # per class, then gathered (the same values, fewer passes)
                 return self.class_perturbations()[y]
             return self.perturbation_decoder(self.class_embedding[y].expand(
                 -1, -1, self.image_size[0] // self.downsample, self.image_size[1] // self.downsample))

@@ -45,6 +45,36 @@ def _x_hat(o: dict[str, torch.Tensor], xb: torch.Tensor) -> dict[str, torch.Tens
     return {"purified": o["x_hat"]}
 
 
+class TabledDVAE(DVAE):
+    """A :class:`DVAE` whose class-wise ``p_hat`` can be replaced by a fixed per-class table (``p_refit``).
+
+    The table is a buffer (it travels with the state dict); until :meth:`set_class_perturbations` it is unset
+    and the model is the plain D-VAE. It lives here, not in :mod:`unpoison.models`, because the surrogate
+    attacks key their cached poisons by the source of the models package."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        h, w = self.image_size
+        self.register_buffer("p_table", torch.zeros(self.num_classes, self.in_channels, h, w))
+        self.register_buffer("p_table_set", torch.zeros((), dtype=torch.bool))
+
+    def set_class_perturbations(self, table: torch.Tensor) -> None:
+        """Use ``table`` (``num_classes x C x H x W``) as ``p_hat`` of each class (p_input="class" only)."""
+        if self.p_input != "class":
+            raise UserError("a per-class p_hat table needs p_input='class'")
+        self.p_table.copy_(table.to(self.p_table))
+        self.p_table_set.fill_(True)
+
+    def class_perturbations(self) -> torch.Tensor:
+        return self.p_table if bool(self.p_table_set) else super().class_perturbations()
+
+    def perturbation(self, y: torch.Tensor, feats: torch.Tensor | None = None,
+                     h: torch.Tensor | None = None) -> torch.Tensor:
+        if self.p_input == "class" and bool(self.p_table_set):
+            return self.p_table[y]
+        return super().perturbation(y, feats, h)
+
+
 @DEFENSES.register("dvae", "two-stage D-VAE purification (the paper's method); presets paper/imagenet/cpu")
 class DVAEPurifier(AutoencoderPurifier):
     """Two-stage D-VAE purification (Algorithm 1). ``preset`` = paper | imagenet | cpu."""
@@ -63,7 +93,7 @@ class DVAEPurifier(AutoencoderPurifier):
         cfg = self.config
         d = cfg.downsample1 if stage == 1 else cfg.downsample2
         width = (cfg.width1 or cfg.width) if stage == 1 else cfg.width
-        return lambda: DVAE(c, hw, self.num_classes_, width, cfg.latent, d, p_input=cfg.p_input,
+        return lambda: TabledDVAE(c, hw, self.num_classes_, width, cfg.latent, d, p_input=cfg.p_input,
                             embedding=cfg.embedding, embed_std=cfg.embed_std)
 
     def _loss(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -125,7 +155,7 @@ class DVAEPurifier(AutoencoderPurifier):
         :attr:`REFIT_PER_CLASS` images of each class in data order; the mean uses all. Every rank computes it
         over the whole set (the same table everywhere)."""
         how = self.config.p_refit
-        if how == "none" or y is None or not isinstance(model, DVAE) or model.p_input != "class":
+        if how == "none" or y is None or not isinstance(model, TabledDVAE) or model.p_input != "class":
             return
         k = model.num_classes
         c, (h, w) = model.in_channels, model.image_size
