@@ -493,12 +493,20 @@ def test_extend_grows_a_grid_keeping_finished_cells(tmp_path: Path, capsys: pyte
     assert run_grid(str(bigger), out, progress=False, extend=True)["done"] == 2
     rows = {r["key"]: r for r in Store.open_existing(out).rows()}
     assert len(rows) == 2 and all(rows[k]["finished"] == first[k]["finished"] for k in first)
+    # a smaller grid: the finished cell it no longer names stays; an unfinished one it no longer names goes
+    store = Store.open_existing(out)
+    store.conn.execute("UPDATE cells SET status='pending' WHERE key LIKE '%defense=gray%'")
+    store.close()
+    assert run_grid(str(write(["none", "jpeg"])), out, progress=False, extend=True)["done"] == 2
+    left = {r["key"].split("defense=")[1].split("|")[0] for r in Store.open_existing(out).rows()}
+    assert left == {"none", "jpeg"}
+    assert run_grid(str(write(["jpeg"])), out, progress=False, extend=True)["done"] == 2  # "none" stays
     db = out / "results.sqlite"
     before = db.read_bytes()
-    changed = write([{"name": "gray", "label": "none"}, "jpeg"])  # label "none" now names another defense
+    changed = write([{"name": "gray", "label": "none"}, "bdr"])  # label "none" now names another defense
     assert main(["bench", str(changed), str(out), "--extend", "--quiet"]) == 2
     assert "another config" in capsys.readouterr().err and db.read_bytes() == before
-    assert main(["bench", str(write(["none", "gray", "jpeg"], name="other")), str(out), "--extend", "--quiet"]) == 2
+    assert main(["bench", str(write(["none", "gray", "bdr"], name="other")), str(out), "--extend", "--quiet"]) == 2
     assert "--extend: OUTDIR holds grid" in capsys.readouterr().err and db.read_bytes() == before
 
 

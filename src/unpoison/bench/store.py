@@ -137,19 +137,24 @@ class Store:
                 config: dict[str, Any]) -> None:
         """Grow a grid in place: the same name and preset; every cell it already holds keeps its status and
         results when its config is unchanged; new cells are added pending; cells the config no longer names
-        stay (reported after the others). A cell whose label is held with another config is an error (its
+        stay when they finished (reported after the others; nothing measured is lost) and go when they did not. A cell whose label is held with another config is an error (its
         results would be mistaken for the new config's): nothing is written then."""
         if meta.get("name") != str(config.get("name")) or meta.get("preset") != str(config.get("_preset")):
             raise UserError(f"--extend: OUTDIR holds grid {meta.get('name')!r} (preset {meta.get('preset')!r}), "
                             f"not {config.get('name')!r} (preset {config.get('_preset')!r}); use another OUTDIR", path)
-        held = {r["key"]: json.loads(r["config"]) for r in conn.execute("SELECT key, config FROM cells")}
+        rows = list(conn.execute("SELECT key, config, status FROM cells"))
+        held = {r["key"]: json.loads(r["config"]) for r in rows}
+        done = {r["key"] for r in rows if r["status"] == "done"}
         for c in cells:
             if c.key in held and held[c.key] != json.loads(json.dumps(c.config)):
                 raise UserError(f"--extend: cell {c.key!r} is held with another config; give the changed entry a "
                                 "new label (nothing was written)", path)
         wanted = {c.key for c in cells}
-        others = [k for k in held if k not in wanted]
+        others = [k for k in held if k not in wanted and k in done]
         conn.execute("BEGIN")
+        for k in held:
+            if k not in wanted and k not in done:
+                conn.execute("DELETE FROM cells WHERE key=?", (k,))
         for c in cells:
             if c.key in held:
                 conn.execute("UPDATE cells SET idx=? WHERE key=?", (c.index, c.key))
