@@ -314,7 +314,10 @@ def fig_bars(table: Table, path: Path, title: str) -> Path | None:
 
 
 def _purify_cpu_s(r: dict[str, Any]) -> float | None:
-    """A cell's purification CPU seconds (fit + transform; every thread of the process), else its wall seconds."""
+    """A cell's purification CPU seconds (fit + transform; every thread of the process), else its wall seconds;
+    None for a cell that ran more than once (a resumed purifier times only its last part)."""
+    if int(r.get("attempts") or 0) > 1:
+        return None
     t = r.get("timings") or {}
     v = t.get("purify_cpu", t.get("purify"))
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
@@ -382,8 +385,9 @@ def frontier_table(cells: list[dict[str, Any]], title: str) -> Table:
                      f"{max(gaps):.2f}" if gaps and len(gaps) == len(effective) else "-",
                      f"{base - clean:.2f}" if base is not None and clean is not None else "-"])
     header = ["defense", "purify CPU min (mean)", *atks, "worst gap to clean (effective)", "clean-set cost"]
-    note = ("CPU time: fit + transform of the purifier, all its threads, mean over the attacks it ran on (wall time "
-            "moves with the machine's load). effective poisons: " + (", ".join(effective) or "none")
+    note = ("CPU time: fit + transform of the purifier, all its threads, mean over the attacks it ran on in one go "
+            "(a resumed cell times only its last part and is left out; wall time moves with the machine's load). "
+            "effective poisons: " + (", ".join(effective) or "none")
             + (f"; clean (w/o) {base:.2f}" if base is not None else "") + ".")
     return Table(title, header, body, note)
 
