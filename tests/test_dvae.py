@@ -354,3 +354,27 @@ def test_two_stage_output_reduces_class_and_sample_wise_patterns(kind: str, limi
 
     assert left(x0) > 0.95
     assert left(out) < limit, left(out)
+
+
+def test_rate_rule_scales_limits_by_channels() -> None:
+    """rate_rule=channels: the paper's limits are per latent position of 3-channel images, so C-channel images
+    get C/3 of them (1-channel: 1.0 -> 1/3, 3.0 -> 1.0); 3-channel images keep the paper's numbers; fixed keeps
+    every limit as given. The limits a fit applied are in its info."""
+    ch = DVAEConfig.preset("paper", rate_rule="channels")
+    assert ch.limit_for(3.0, 1) == pytest.approx(1.0) and ch.limit_for(1.0, 1) == pytest.approx(1 / 3)
+    assert ch.limit_for(3.0, 3) == 3.0 and ch.limit_for(1.5, 3) == 1.5
+    assert DVAEConfig.preset("paper").limit_for(3.0, 1) == 3.0
+    x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
+    y = np.arange(32) % 4
+    pur = make_purifier("dvae", preset="cpu", epochs=1, width=4, width1=4, latent=4, rate_rule="channels",
+                        progress=False)
+    pur.fit_purify(x, y)
+    assert pur.info_["kld_limits"] == pytest.approx({"stage1": 0.5 / 3, "stage2": 1.0})
+    with pytest.raises(UserError, match="rate_rule"):
+        DVAEConfig.preset("cpu", rate_rule="pixels")
+
+
+def test_cpu_and_thorough_presets_refit_p_hat() -> None:
+    cpu, th = DVAEConfig.preset("cpu"), DVAEConfig.preset("thorough")
+    assert cpu.p_refit == th.p_refit == "median" and DVAEConfig.preset("paper").p_refit == "none"
+    assert (th.steps, th.kld_limit2, th.width, th.width1) == (2100, 1.5, 8, 16)

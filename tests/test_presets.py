@@ -67,7 +67,7 @@ def test_method_help_shows_that_methods_parameters_with_real_defaults(capsys: py
     with pytest.raises(SystemExit):
         main(["purify", "--method", "dvae", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--width WIDTH" in out and "paper 64, imagenet 64, cpu 8" in out and "(dvae: None" not in out
+    assert "--width WIDTH" in out and "paper 64, imagenet 64, cpu 8, thorough 8" in out and "(dvae: None" not in out
     with pytest.raises(SystemExit):
         main(["poison", "--attack", "em", "--help"])
     out = " ".join(capsys.readouterr().out.split())
