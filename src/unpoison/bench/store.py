@@ -137,8 +137,9 @@ class Store:
                 config: dict[str, Any]) -> None:
         """Grow a grid in place: the same name and preset; every cell it already holds keeps its status and
         results when its config is unchanged; new cells are added pending; cells the config no longer names
-        stay when they finished (reported after the others; nothing measured is lost) and go when they did not. A cell whose label is held with another config is an error (its
-        results would be mistaken for the new config's): nothing is written then."""
+        stay when they finished (reported after the others; nothing measured is lost) and go when they did not.
+        A cell whose label is held with another config is an error (its results would be mistaken for the new
+        config's): nothing is written then."""
         if meta.get("name") != str(config.get("name")) or meta.get("preset") != str(config.get("_preset")):
             raise UserError(f"--extend: OUTDIR holds grid {meta.get('name')!r} (preset {meta.get('preset')!r}), "
                             f"not {config.get('name')!r} (preset {config.get('_preset')!r}); use another OUTDIR", path)
