@@ -518,16 +518,46 @@ def test_frontier_report_gives_cpu_time_gaps_and_the_plot(tmp_path: Path) -> Non
     acc = {"w/o": {"none": 90.0, "lsp": 30.0}, "BDR-2": {"none": 88.0, "lsp": 85.0},
            "D-VAE tiny": {"none": 89.0, "lsp": 87.5}}
     cpu = {"w/o": 0.0, "BDR-2": 3.0, "D-VAE tiny": 120.0}
-    store = Store.create_or_open(tmp_path, fingerprint(cells), cells, cfg)
-    for c in cells:
+    # a second seed for BDR-2 on lsp only: 84 and 86 -> 85.00 ± 1.00, seeds "1-2"
+    extra = [Cell(key=c.key + "|seed=1", index=len(cells), config={**c.config, "seed": 1}) for c in cells
+             if c.config["defense"]["label"] == "BDR-2" and c.config["attack"]["label"] == "lsp"]
+    store = Store.create_or_open(tmp_path, fingerprint(cells + extra), cells + extra, cfg)
+    for c in cells + extra:
         d, a = c.config["defense"]["label"], c.config["attack"]["label"]
         t = cpu[d] + (60.0 if a == "lsp" else 0.0)  # mean over the two attacks: cpu + 30 s
-        store.record(c.key, {"status": "done", "results": {"final_acc": acc[d][a]},
+        v = acc[d][a] + (1.0 if c in extra else -1.0 if c.key in {e.key[:-7] for e in extra} else 0.0)
+        store.record(c.key, {"status": "done", "results": {"final_acc": v},
                              "timings": {"total": 1.0, "purify": 2 * t, "purify_cpu": t}})
     store.close()
     assert main(["report", str(tmp_path)]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| D-VAE tiny | 2.50 | 87.50 | 89.00 | 2.50 | 1.00 |" in md  # (120 + 30) s; 90 - 87.5; 90 - 89
-    assert "| BDR-2 | 0.55 | 85.00 | 88.00 | 5.00 | 2.00 |" in md
-    assert "| w/o | - | 30.00 | 90.00 | 60.00 | 0.00 |" in md
+    assert "| D-VAE tiny | 2.50 | 1 | 87.50 | 89.00 | 2.50 | 1.00 |" in md  # (120 + 30) s; 90 - 87.5; 90 - 89
+    assert "| BDR-2 | 0.72 | 1-2 | 85.00 ± 1.00 | 88.00 | 5.00 | 2.00 |" in md  # (63 + 63 + 3) / 3 s
+    assert "| w/o | - | 1 | 30.00 | 90.00 | 60.00 | 0.00 |" in md
     assert list((tmp_path / "report" / "figures").glob("frontier-*.png"))
+
+
+def test_attack_seed_shares_one_poison_across_cell_seeds(tmp_path: Path) -> None:
+    """An attack entry's own ``seed`` fixes the poison for every training seed (one crafted file, read by both
+    cells); without it each cell seed crafts its own. A non-integer or non-attack ``seed`` is refused."""
+    def run(attack: Any, name: str) -> list[dict[str, Any]]:
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({"name": name, "axes": {"dataset": [DATA], "attack": [attack],
+                                       "defense": ["none"], "model": ["tinycnn"], "seed": [0, 1]},
+                                       "train": {"preset": "smoke", "epochs": 1}}))
+        out = tmp_path / name
+        assert run_grid(str(cfg), out, progress=False)["done"] == 2
+        rows = sorted(Store.open_existing(out).rows(), key=lambda r: r["config"]["seed"])
+        return [json.loads((out / "cells" / r["cell_id"] / "manifest.json").read_text())["cache"]["attack_cache"]
+                for r in rows]
+
+    fixed = run({"name": "lsp", "seed": 0}, "fixed")
+    assert [c[0]["hit"] for c in fixed] == [False, True] and fixed[0][0]["path"] == fixed[1][0]["path"]
+    own = run("lsp", "own")
+    assert [c[0]["hit"] for c in own] == [False, False] and own[0][0]["path"] != own[1][0]["path"]
+    assert Path(own[0][0]["path"]).name == Path(fixed[0][0]["path"]).name  # seed 0 is seed 0 either way
+    for bad in ({"name": "lsp", "seed": "0"}, {"name": "lsp", "seed": -1}):
+        with pytest.raises(UserError, match="'seed'"):
+            expand({"axes": {"attack": [bad]}})
+    with pytest.raises(UserError, match="'seed'"):
+        expand({"axes": {"defense": [{"name": "jpeg", "seed": 0}]}})

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..params import check_params, unknown
-from .grid import Cell
+from .grid import Cell, attack_seed
 from .run import KINDS, Kind, load_for_cell, subset_args
 
 #: the report's ``table:`` keys
@@ -178,7 +178,7 @@ def _check_attack(c: dict[str, Any], data: DataFacts) -> None:
     if c.get("attack_preset"):
         kw.setdefault("preset", c["attack_preset"])
     eps = None if a.get("eps") is None else parse_fraction(a["eps"], "eps")
-    atk = make_attack(a["name"], eps=eps, seed=int(c.get("seed", 0)), device=c.get("device", "auto"),
+    atk = make_attack(a["name"], eps=eps, seed=attack_seed(c), device=c.get("device", "auto"),
                       progress=False, **kw)
     h, w, ch = data.shape
     check_eps(atk.norm_used, atk.effective_eps(data.shape), h * w * ch, h * w)

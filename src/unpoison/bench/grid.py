@@ -17,7 +17,8 @@ Config shape (every key optional except ``axes``)::
     plugins: [my_pkg.my_attacks, ./extra.py]      # Python code: imported only with --allow-plugins
     axes:
       dataset: [cifar10]                          # dataset specs (see unpoison.data.load_dataset)
-      attack: [none, em, {name: lsp, eps: 2.0, label: lsp-l2=2}]
+      attack: [none, em, {name: lsp, eps: 2.0, label: lsp-l2=2}]   # {name: em, seed: 0}: one poison for every
+                                                  # cell seed (the usual "poison once, train N seeds")
       defense: [none, {name: jpeg, params: {quality: 10}, label: JPEG-10}, {name: at, train: {epochs: 5}}, dvae]
       model: [resnet18]
       seed: [0]
@@ -64,7 +65,7 @@ _TOP_KEYS = {"name", "title", "note", "kind", "table", "plugins", "axes", "subse
              "defense_params", "params", "resources", "presets", "description", "device", "cells",
              "attack_preset", "diffusion"}
 #: keys of an attack / defense entry on an axis
-_ENTRY_KEYS = {"name", "label", "params", "eps", "ratio", "train"}
+_ENTRY_KEYS = {"name", "label", "params", "eps", "ratio", "train", "seed"}
 
 
 def shipped_configs() -> list[str]:
@@ -205,12 +206,22 @@ def _entry(value: Any, axis: str) -> dict[str, Any]:
     for k in ("params", "train"):
         if not isinstance(value.get(k) or {}, dict):
             raise UserError(f"bad {axis} entry {value!r}: {k!r} must be a mapping")
+    if "seed" in value and (axis != "attack" or isinstance(value["seed"], bool)
+                            or not isinstance(value["seed"], int) or value["seed"] < 0):
+        raise UserError(f"bad {axis} entry {value!r}: 'seed' is an attack's own seed, a non-negative integer")
     out = {"name": str(value["name"]).lower(), "params": dict(value.get("params") or {})}
-    for k in ("eps", "ratio", "train"):
+    for k in ("eps", "ratio", "train", "seed"):
         if k in value:
             out[k] = value[k]
     out["label"] = str(value.get("label") or _auto_label(out))
     return out
+
+
+def attack_seed(c: dict[str, Any]) -> int:
+    """The seed a cell poisons with: its attack entry's own ``seed`` when given (one poison shared by the cells
+    of every training seed, so replicates vary the purifier and the judge, not the crafted poison), else the
+    cell's seed."""
+    return int(c["attack"].get("seed", c.get("seed", 0)))
 
 
 def _auto_label(e: dict[str, Any]) -> str:

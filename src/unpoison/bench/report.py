@@ -368,9 +368,17 @@ def frontier_table(cells: list[dict[str, Any]], title: str) -> Table:
         clean_atk = a if r["config"]["attack"]["name"] == "none" else clean_atk
         none_def = d if r["config"]["defense"]["name"] == "none" else none_def
 
+    def accs(d: str, a: str) -> list[float]:
+        return _finite([(r["results"] or {}).get("final_acc") for r in groups.get((d, a), []) if r["status"] == "done"])
+
     def acc(d: str, a: str) -> float | None:
-        v = _finite([(r["results"] or {}).get("final_acc") for r in groups.get((d, a), []) if r["status"] == "done"])
+        v = accs(d, a)
         return float(np.mean(v)) if v else None
+
+    def seeds(d: str) -> str:
+        n = sorted({len({int(r["config"].get("seed", 0)) for r in groups.get((d, a), []) if r["status"] == "done"})
+                    for a in atks} - {0})
+        return "-" if not n else str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
 
     base = acc(none_def, clean_atk) if none_def and clean_atk else None
     effective = [a for a in atks if a != clean_atk and base is not None and none_def is not None
@@ -380,13 +388,16 @@ def frontier_table(cells: list[dict[str, Any]], title: str) -> Table:
         cpu = _finite([_purify_cpu_s(r) for a in atks for r in groups.get((d, a), []) if r["status"] == "done"])
         gaps = [base - v for a in effective if base is not None and (v := acc(d, a)) is not None]
         clean = acc(d, clean_atk) if clean_atk else None
-        body.append([d, f"{np.mean(cpu) / 60:.2f}" if cpu and d != none_def else "-",
-                     *[_num_text(acc(d, a), "{:.2f}") for a in atks],
+        body.append([d, f"{np.mean(cpu) / 60:.2f}" if cpu and d != none_def else "-", seeds(d),
+                     *[_fmt(accs(d, a)) or "-" for a in atks],
                      f"{max(gaps):.2f}" if gaps and len(gaps) == len(effective) else "-",
                      f"{base - clean:.2f}" if base is not None and clean is not None else "-"])
-    header = ["defense", "purify CPU min (mean)", *atks, "worst gap to clean (effective)", "clean-set cost"]
+    header = ["defense", "purify CPU min (mean)", "seeds", *atks, "worst gap to clean (effective)",
+              "clean-set cost"]
     note = ("CPU time: fit + transform of the purifier, all its threads, mean over the attacks it ran on in one go "
             "(a resumed cell times only its last part and is left out; wall time moves with the machine's load). "
+            "Accuracies: mean ± std over the seeds (the number of seeds per attack, or its range); gaps and costs "
+            "from the means. "
             "effective poisons: " + (", ".join(effective) or "none")
             + (f"; clean (w/o) {base:.2f}" if base is not None else "") + ".")
     return Table(title, header, body, note)

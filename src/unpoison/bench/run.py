@@ -44,7 +44,7 @@ from ..disentangle import add_perturbation
 from ..errors import UserError
 from ..params import Param
 from ..utils import Timer, atomic_path, manifest, parse_fraction, psnr, write_json
-from .grid import Cell, import_plugins, short_hash
+from .grid import Cell, attack_seed, import_plugins, short_hash
 from .report import (
     SectionFn,
     amplify_section,
@@ -169,11 +169,12 @@ class CellContext:
         if a["name"] == "none":
             return x, np.zeros(0, dtype=np.int64), {"attack": "none"}
         eps = None if a.get("eps") is None else parse_fraction(a["eps"], "eps")
+        seed = attack_seed(self.c)
         kw: dict[str, Any] = dict(a["params"])
         if self.c.get("attack_preset"):
             kw.setdefault("preset", self.c["attack_preset"])
         key = short_hash({"data": self.digest, "subset": self.c.get("subset"), "n": len(x), "attack": a["name"],
-                          "eps": eps, "params": kw, "ratio": ratio, "seed": self.seed,
+                          "eps": eps, "params": kw, "ratio": ratio, "seed": seed,
                           "code": ATTACKS.get(a["name"]).code_version()}, 16)
         cache = self.outdir / "cache" / "attacks"
         path = cache / f"{a['name']}-{key}.npz"
@@ -187,7 +188,7 @@ class CellContext:
 
             checkpoints = ATTACKS.get(a["name"]).supports_checkpoint
             res = poison_dataset(ds, a["name"], {k: v for k, v in kw.items() if k != "preset"}, eps=eps,
-                                 ratio=ratio, seed=self.seed, device=self.device, progress=self.progress,
+                                 ratio=ratio, seed=seed, device=self.device, progress=self.progress,
                                  preset=kw.get("preset", "paper"), checkpoint_dir=cache / f"{a['name']}-{key}.ckpt",
                                  resume=checkpoints)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
