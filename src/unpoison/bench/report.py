@@ -263,6 +263,26 @@ def _plt() -> Any:
     return plt
 
 
+def _labelled_lines(pts: dict[str, list[tuple[float, float, str]]], path: Path, title: str, xlabel: str,
+                    logx: bool = False, figsize: tuple[float, float] = (6, 4), fontsize: int = 6) -> Path:
+    """One line per attack through its (x, accuracy) points, each point labelled with its defense."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=figsize)
+    for atk, p in pts.items():
+        p.sort()
+        ax.plot([a for a, _, _ in p], [b for _, b, _ in p], marker="o", lw=0.6 if logx else 1.5, label=atk)
+        for a, b, lab in p:
+            ax.annotate(lab, (a, b), fontsize=fontsize, alpha=0.7)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("clean test accuracy [%]")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _fig_to_png(fig, path)
+
+
 def fig_psnr_acc(cells: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """PSNR(input, purified) vs clean test accuracy, one line per attack (Fig. 2/6, Table 13's sweep)."""
     pts: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
@@ -271,21 +291,7 @@ def fig_psnr_acc(cells: list[dict[str, Any]], path: Path, title: str) -> Path | 
         if r["status"] == "done" and res.get("psnr") is not None and math.isfinite(res["psnr"]):
             pts[axis_label(r["config"], "attack")].append((res["psnr"], res["final_acc"],
                                                            axis_label(r["config"], "defense")))
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for atk, p in pts.items():
-        p.sort()
-        ax.plot([a for a, _, _ in p], [b for _, b, _ in p], marker="o", label=atk)
-        for a, b, lab in p:
-            ax.annotate(lab, (a, b), fontsize=6, alpha=0.7)
-    ax.set_xlabel("PSNR(poisoned, purified) [dB]")
-    ax.set_ylabel("clean test accuracy [%]")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _fig_to_png(fig, path)
+    return _labelled_lines(pts, path, title, "PSNR(poisoned, purified) [dB]") if pts else None
 
 
 def fig_bars(table: Table, path: Path, title: str) -> Path | None:
@@ -325,31 +331,20 @@ def _purify_cpu_s(r: dict[str, Any]) -> float | None:
 
 def fig_frontier(cells: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Accuracy after purification vs the purification's CPU time: one colour per attack, one point per defense
-    (a learned defense's cost is its fit + transform; w/o is left out)."""
-    pts: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    (mean over its seeds; a learned defense's cost is its fit + transform; w/o is left out)."""
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for r in cells:
         res, cpu = r["results"] or {}, _purify_cpu_s(r)
         if r["status"] != "done" or cpu is None or r["config"]["defense"]["name"] == "none":
             continue
         if res.get("final_acc") is not None:
-            pts[axis_label(r["config"], "attack")].append((max(cpu / 60, 1e-3), res["final_acc"],
-                                                           axis_label(r["config"], "defense")))
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for atk, p in pts.items():
-        p.sort()
-        ax.plot([a for a, _, _ in p], [b for _, b, _ in p], marker="o", lw=0.6, label=atk)
-        for a, b, lab in p:
-            ax.annotate(lab, (a, b), fontsize=5, alpha=0.7)
-    ax.set_xscale("log")
-    ax.set_xlabel("purification CPU time [min] (fit + transform)")
-    ax.set_ylabel("clean test accuracy [%]")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _fig_to_png(fig, path)
+            groups[(axis_label(r["config"], "attack"), axis_label(r["config"], "defense"))].append(
+                (max(cpu / 60, 1e-3), float(res["final_acc"])))
+    pts: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for (atk, d), v in groups.items():
+        pts[atk].append((float(np.mean([c for c, _ in v])), float(np.mean([a for _, a in v])), d))
+    return _labelled_lines(pts, path, title, "purification CPU time [min] (fit + transform)", logx=True,
+                           figsize=(7, 4.5), fontsize=5) if pts else None
 
 
 def frontier_table(cells: list[dict[str, Any]], title: str) -> Table:
