@@ -376,5 +376,5 @@ def test_rate_rule_scales_limits_by_channels() -> None:
 
 def test_cpu_and_thorough_presets_refit_p_hat() -> None:
     cpu, th = DVAEConfig.preset("cpu"), DVAEConfig.preset("thorough")
-    assert cpu.p_refit == th.p_refit == "median" and DVAEConfig.preset("paper").p_refit == "none"
+    assert cpu.p_refit == th.p_refit == "auto" and DVAEConfig.preset("paper").p_refit == "none"
     assert (th.steps, th.kld_limit2, th.width, th.width1) == (2100, 1.5, 8, 16)

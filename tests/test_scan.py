@@ -151,3 +151,29 @@ def test_bench_scan_kind_and_report(tmp_path: Path) -> None:
     md = (out / "report" / "report.md").read_text()
     assert "Scan: is this dataset poisoned?" in md and "scan evidence" in md
     assert list(out.glob("cells/*/evidence.png")) and list((out / "report" / "figures").glob("scan-scores-*.png"))
+
+
+def test_dvae_p_refit_auto_follows_the_scan(null: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``p_refit="auto"`` (the cpu preset's): the median refit on a set the scan finds poisoned, none on one it
+    finds clean, and the median (the scan skipped, the reason given) where the null does not cover the images."""
+    import unpoison.scan as scan_mod
+    from unpoison.defenses import make_purifier
+    from unpoison.scan import calibrated_for
+
+    def fit(x: np.ndarray, y: np.ndarray) -> tuple[dict, bool]:
+        pur = make_purifier("dvae", preset="cpu", epochs=1, width=4, width1=4, latent=4, progress=False)
+        pur.fit_purify(x, y)
+        return pur.info_["p_refit"], all(bool(m.p_table_set) for m in pur.models_.values())
+
+    x, y = _clean(40)
+    xp, _ = _poison(x, y, _classwise(y), 1.0)
+    info, refit = fit(x, y)  # the shipped null is Fashion-MNIST's: 12x12 images are not covered
+    assert info["applied"] == "median" and refit and "no clean null for 12x12x1" in info["scan"]["skipped"]
+    monkeypatch.setattr(scan_mod, "load_null", lambda path=None: null)
+    assert calibrated_for(x.shape, 4) is None and "sizes" in calibrated_for((4 * N, SIZE, SIZE, 1), 4)
+    assert "20 per class" in calibrated_for((40, SIZE, SIZE, 1), 4)
+    info, refit = fit(x, y)
+    assert info["setting"] == "auto" and info["applied"] == "none" and not refit
+    assert info["scan"]["poisoned"] is False
+    info, refit = fit(xp, y)
+    assert info["applied"] == "median" and refit and info["scan"]["poisoned"] is True

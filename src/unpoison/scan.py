@@ -61,6 +61,8 @@ SIGNALS = ("nb", "linear", "pattern", "cnn")
 DEFAULT_SIGNALS = ("nb", "linear", "pattern")
 #: which side of the null a poison pushes each statistic to: both (NTGA lowers the held-out accuracy)
 DEFAULT_THRESHOLD = 6.0
+#: fewer images per class (on average) than this: no scan
+MIN_PER_CLASS = 20
 
 
 @dataclass
@@ -293,11 +295,26 @@ def _pick_null(null: dict[str, Any], geometry: str) -> tuple[dict[str, Any], boo
     return null[best], False
 
 
+def calibrated_for(shape: tuple[int, ...], n_classes: int, null: dict[str, Any] | None = None) -> str | None:
+    """Why a verdict on a set of ``shape`` (N, H, W[, C]) would not be calibrated, or None when it would: the
+    null must hold this geometry and every signal's measured sizes must cover N (a factor 1.5 either way)."""
+    n = int(shape[0])
+    if n < MIN_PER_CLASS * max(n_classes, 1):
+        return f"{n} images for {n_classes} classes (the scan needs {MIN_PER_CLASS} per class)"
+    geometry = _geometry(shape if len(shape) == 4 else (*shape, 1))
+    table, ok = _pick_null(load_null() if null is None else null, geometry)
+    if not ok:
+        return f"no clean null for {geometry} images"
+    if not all(null_at(t, n)[2] for s, t in table.items() if s in DEFAULT_SIGNALS):
+        return f"the {geometry} null was measured at other set sizes than {n}"
+    return None
+
+
 # --- the scan --------------------------------------------------------------------------------------------------
 def measure(x: np.ndarray, y: np.ndarray, cfg: ScanConfig | None = None, seed: int = 0, device: str = "auto",
             progress: bool = True) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, float]]:
     """The raw signals: dataset statistics, per-sample scores, timings (s). ``x`` uint8 NHWC, ``y`` int labels."""
-    from .defenses.base import as_labels, as_uint8_nhwc
+    from ._validate import as_labels, as_uint8_nhwc
 
     cfg = cfg or ScanConfig()
     x = as_uint8_nhwc(x)
@@ -307,8 +324,8 @@ def measure(x: np.ndarray, y: np.ndarray, cfg: ScanConfig | None = None, seed: i
     classes, y = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise UserError("the scan needs labels with at least 2 classes")
-    if len(x) < 20 * len(classes):
-        raise UserError(f"the scan needs at least 20 images per class on average, got {len(x)} for "
+    if len(x) < MIN_PER_CLASS * len(classes):
+        raise UserError(f"the scan needs at least {MIN_PER_CLASS} images per class on average, got {len(x)} for "
                         f"{len(classes)} classes")
     unknown = sorted(set(cfg.signals) - set(SIGNALS))
     if unknown:
@@ -421,7 +438,7 @@ def scan(x: np.ndarray, y: np.ndarray, config: ScanConfig | None = None, seed: i
     sample = np.asarray(sample, dtype=np.float64)
     mix: dict[str, Any] = {}
     if poisoned:
-        from .defenses.base import as_uint8_nhwc
+        from ._validate import as_uint8_nhwc
 
         flags, mix, llr = split_flags(as_uint8_nhwc(x), y_arr, sample, _halves(n, seed), cfg.nb_alpha,
                                       cfg.split_agree)

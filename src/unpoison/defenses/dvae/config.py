@@ -58,8 +58,9 @@ class DVAEConfig:
     rec_weight: float = _f(1.0, "weight of ||x - x_hat||^2 in Eq. 14 (paper: 1)", methods=("dvae",))
     detach_residual: bool = _f(True, "no gradient from Eq. 14's second term into x_hat", methods=("dvae",))
     p_refit: str = _f("none", "after each stage's training, replace the class-wise D_p(u_y) by the class mean or "
-                      "median of x - x_hat(mu) on the training images (p_input=class; none = D_p as trained)",
-                      choices=("none", "mean", "median"), methods=("dvae",))
+                      "median of x - x_hat(mu) on the training images (p_input=class; none = D_p as trained; "
+                      "auto = median unless the calibrated poison scan finds the set clean)",
+                      choices=("none", "mean", "median", "auto"), methods=("dvae",))
     rate_rule: str = _f("fixed", "fixed: KLD limits as given; channels: limits x C/3 (the paper's limits are per "
                         "latent position of 3-channel images)", choices=("fixed", "channels"),
                         methods=("dvae", "vae"))
@@ -117,15 +118,16 @@ def method_params(method: str) -> dict[str, Param]:
 #: images both get a trained model; stage 1 twice as wide as stage 2, since its p_hat is only as clean as its
 #: image branch is good; stage-1 rate 0.5 nat at lambda 0.05 (the paper's 1.0 at 0.01 let half of OPS through
 #: the image branch: docs/results/disentangle.md); each stage's class-wise p_hat refitted to the median of the
-#: final residual (``p_refit``). ``thorough``: the best this project measured on a 2-core CPU (about 3x the
-#: cpu preset's time). Frontier and per-attack numbers: docs/results/frontier/.
+#: final residual (``p_refit``) unless the poison scan calls the set clean (``auto``: the refit raised every
+#: poison's accuracy and cost the clean set about a point). ``thorough``: the best this project measured on a
+#: 2-core CPU (about 3x the cpu preset's time). Frontier and per-attack numbers: docs/results/frontier/.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "imagenet": {"downsample1": 8, "kld_limit1": 1.5, "epochs": 20},
     "cpu": {"width": 8, "width1": 16, "latent": 32, "steps": 700, "batch_size": 64, "kld_limit1": 0.5,
-            "kld_weight1": 0.05, "p_refit": "median"},
+            "kld_weight1": 0.05, "p_refit": "auto"},
     "thorough": {"width": 8, "width1": 16, "latent": 32, "steps": 2100, "batch_size": 64, "kld_limit1": 0.5,
-                 "kld_weight1": 0.05, "kld_limit2": 1.5, "p_refit": "median"},
+                 "kld_weight1": 0.05, "kld_limit2": 1.5, "p_refit": "auto"},
 }
 
 DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(CONFIG_PARAMS),
