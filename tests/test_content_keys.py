@@ -137,3 +137,18 @@ def test_attack_output_checked_for_nan_before_rounding() -> None:
     ds = make_synthetic(n=8, size=8, channels=1, classes=2)
     with pytest.raises(NonFiniteError, match="non-finite perturbation"):
         Broken(device="cpu", progress=False).poison(ds.x_train, ds.y_train)
+
+
+def test_attack_cache_key_covers_the_code_it_runs_and_not_the_purifiers() -> None:
+    """A cached poison is keyed by the source of the modules that made it: a surrogate attack's include every
+    classifier family (listed from the package, whatever is imported) but not the purification auto-encoders',
+    so a D-VAE edit does not throw away crafted EM/TAP poisons; a class-wise attack's include no model."""
+    import unpoison.models
+    from unpoison.attacks import ATTACKS
+
+    em, lsp = ATTACKS.get("em").code_modules(), ATTACKS.get("lsp").code_modules()
+    assert {"unpoison.attacks.em", "unpoison.attacks._surrogate", "unpoison.tensors", "unpoison.rng",
+            "unpoison.models.small_cnn", "unpoison.models.resnet", "unpoison.models._factory"} <= set(em)
+    assert "unpoison.models.dvae" not in em and not [m for m in lsp if m.startswith("unpoison.models")]
+    assert unpoison.models.DVAE.__module__ == "unpoison.models.dvae"  # the module left out is the D-VAE's
+    assert ATTACKS.get("em").code_version() != ATTACKS.get("tap").code_version()

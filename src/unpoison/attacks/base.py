@@ -21,9 +21,10 @@ With ``ratio < 1`` the attack only sees (and crafts noise for) the images it poi
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import math
-import sys
+import pkgutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,6 +38,10 @@ from ..errors import NonFiniteError, UserError, check_seed
 from ..params import Param, check_params, defaults, unknown
 from ..presets import PRESET_TABLES, PresetTable, register_presets, show_value
 from ..tensors import pick_device, rng_scope
+
+#: ``unpoison.models`` submodules no surrogate is built from (the purification auto-encoders): editing them
+#: leaves the cached poisons valid
+_NOT_SURROGATE_MODULES = frozenset({"dvae"})
 
 NORMS = ("linf", "l2", "l0")
 #: rounding to uint8 moves each value by at most half a grey level
@@ -260,19 +265,31 @@ class Attack:
         return PRESET_TABLES.get(family) if family in PRESET_TABLES else _preset_table(cls)
 
     @classmethod
-    def code_version(cls) -> str:
-        """A short hash of the source of every unpoison module this attack's class is built from (and the
-        tensor helpers they use): a cached poison is reused only by the code that made it."""
-        h = hashlib.sha256()
-        mods = [sys.modules[k.__module__] for k in cls.__mro__ if k.__module__.startswith("unpoison.")]
-        mods.append(sys.modules[rng_scope.__module__])
+    def code_modules(cls) -> list[str]:
+        """The unpoison modules whose source keys this attack's cached poisons: those its class is built from,
+        the tensor and RNG helpers, and for a surrogate attack the classifiers' modules (every
+        ``unpoison.models`` submodule but the purification auto-encoders', listed from the package itself so
+        the key does not depend on what else happens to be imported)."""
+        import unpoison.rng
+
+        mods = [k.__module__ for k in cls.__mro__ if k.__module__.startswith("unpoison.")]
+        mods += [rng_scope.__module__, unpoison.rng.__name__]
         if cls.uses_surrogate:
             import unpoison.models as models
 
-            mods += [sys.modules[m] for m in sorted(sys.modules) if m.startswith(models.__name__ + ".")]
-        for m in dict.fromkeys(mods):
-            h.update(m.__name__.encode())
-            h.update(inspect.getsource(m).encode())
+            mods += [f"{models.__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(models.__path__),
+                                                                   key=lambda m: m.name)
+                     if m.name not in _NOT_SURROGATE_MODULES]
+        return list(dict.fromkeys(mods))
+
+    @classmethod
+    def code_version(cls) -> str:
+        """A short hash of the source of :meth:`code_modules`: a cached poison is reused only by the code that
+        made it."""
+        h = hashlib.sha256()
+        for name in cls.code_modules():
+            h.update(name.encode())
+            h.update(inspect.getsource(importlib.import_module(name)).encode())
         return h.hexdigest()[:16]
 
     # --- helpers for subclasses -------------------------------------------------------------------

@@ -49,8 +49,8 @@ class TabledDVAE(DVAE):
     """A :class:`DVAE` whose class-wise ``p_hat`` can be replaced by a fixed per-class table (``p_refit``).
 
     The table is a buffer (it travels with the state dict); until :meth:`set_class_perturbations` it is unset
-    and the model is the plain D-VAE. It lives here, not in :mod:`unpoison.models`, because the surrogate
-    attacks key their cached poisons by the source of the models package."""
+    and the model is the plain D-VAE. It lives beside the purifier that fills the table (``_refit``), since
+    the table is a product of fitting, not of the network."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
