@@ -87,8 +87,15 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | 
 
 
 def sgd_cosine(params: Iterable[torch.nn.Parameter], lr: float, total_steps: int, momentum: float = 0.9,
-               weight_decay: float = 5e-4) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
+               weight_decay: float = 5e-4, warmup_steps: int = 0
+               ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
     """The classifier recipe the scoring protocol and the attacks' surrogates share: SGD with momentum
-    and weight decay, cosine-annealed to 0 over ``total_steps`` optimizer steps."""
+    and weight decay, cosine-annealed to 0 over ``total_steps`` optimizer steps, after ``warmup_steps``
+    of linear warm-up from ``lr / warmup_steps`` (0: none, the plain cosine schedule)."""
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
-    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    warmup_steps = min(int(warmup_steps), max(0, total_steps - 1))
+    if warmup_steps <= 0:
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps - warmup_steps)
+    return opt, torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[warmup_steps])

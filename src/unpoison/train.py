@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .accel import Accel
@@ -46,6 +47,13 @@ class TrainConfig:
     flip: bool = True
     label_smoothing: float = 0.0
     eval_every: int = 1
+    #: weight averaging: decay of an exponential moving average of the weights and BN buffers, updated every
+    #: step and used for scoring (0 = off, the last iterate is scored)
+    ema: float = 0.0
+    #: epochs of linear learning-rate warm-up before the cosine decay (which always ends at 0)
+    warmup_epochs: float = 0.0
+    #: score on the mean of the logits of each test image and its mirror image (only where training flips)
+    tta_flip: bool = False
 
     def check(self) -> TrainConfig:
         """Ranges at the boundary: a negative or infinite learning rate is a one-line error, not a NaN model."""
@@ -55,11 +63,14 @@ class TrainConfig:
         if not isinstance(self.crop_pad, numbers.Integral) or self.crop_pad < 0:
             raise UserError(f"crop_pad must be an integer >= 0, got {self.crop_pad}")
         for k, lo, hi, lo_open in (("lr", 0.0, math.inf, True), ("momentum", 0.0, 1.0, False),
-                                   ("weight_decay", 0.0, math.inf, False), ("label_smoothing", 0.0, 1.0, False)):
+                                   ("weight_decay", 0.0, math.inf, False), ("label_smoothing", 0.0, 1.0, False),
+                                   ("ema", 0.0, 1.0, False), ("warmup_epochs", 0.0, math.inf, False)):
             v = float(getattr(self, k))
             if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
                 raise UserError(f"{k} must be a finite number {'>' if lo_open else '>='} {lo}"
                                 f"{'' if hi == math.inf else f' and <= {hi}'}, got {v}")
+        if self.ema >= 1.0:
+            raise UserError(f"ema must be < 1 (a decay; 0 = off), got {self.ema}")
         return self
 
     @classmethod
@@ -97,17 +108,23 @@ class TrainResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x_u8: torch.Tensor | BatchSource, batch_size: int = 512) -> torch.Tensor:
-    """Class predictions for a uint8 NCHW tensor already on the model's device (or a :class:`BatchSource`)."""
+def predict(model: nn.Module, x_u8: torch.Tensor | BatchSource, batch_size: int = 512,
+            tta_flip: bool = False) -> torch.Tensor:
+    """Class predictions for a uint8 NCHW tensor already on the model's device (or a :class:`BatchSource`);
+    ``tta_flip`` averages the logits of each image and its mirror image."""
     model.eval()
     src = x_u8 if isinstance(x_u8, BatchSource) else ResidentSource(x_u8)
-    preds = [model(xb.float().div_(255)).argmax(1) for _, xb in src.ranges(shard_ranges(len(src), batch_size))]
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return model(x) + model(x.flip(3)) if tta_flip else model(x)
+
+    preds = [logits(xb.float().div_(255)).argmax(1) for _, xb in src.ranges(shard_ranges(len(src), batch_size))]
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
 def accuracy(model: nn.Module, x_u8: torch.Tensor | BatchSource, y: torch.Tensor, num_classes: int,
-             batch_size: int = 512) -> tuple[float, list[float]]:
-    p = predict(model, x_u8, batch_size)
+             batch_size: int = 512, tta_flip: bool = False) -> tuple[float, list[float]]:
+    p = predict(model, x_u8, batch_size, tta_flip)
     correct = (p == y).float()
     per = torch.zeros(num_classes, device=y.device).index_add_(0, y, correct)
     cnt = torch.bincount(y, minlength=num_classes).clamp_min(1)
@@ -167,7 +184,12 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
     y_te = torch.as_tensor(test.y_test, device=dev)
     n = len(x_tr)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    opt, sched = sgd_cosine(model.parameters(), cfg.lr, cfg.epochs * steps_per_epoch, cfg.momentum, cfg.weight_decay)
+    opt, sched = sgd_cosine(model.parameters(), cfg.lr, cfg.epochs * steps_per_epoch, cfg.momentum, cfg.weight_decay,
+                            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
+    # the scored model: the last iterate, or an exponential moving average of weights and BN buffers
+    scored = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema > 0
+              else None)
+    tta = cfg.tta_flip and cfg.flip
     if hasattr(train_defense, "begin"):  # a defense whose schedule depends on the run's length (UEraser)
         train_defense.begin(cfg.epochs * steps_per_epoch)  # type: ignore[union-attr]
     history: list[dict[str, float]] = []
@@ -193,12 +215,15 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
             loss.backward()
             opt.step()
             sched.step()
+            if scored is not None:
+                scored.update_parameters(model)
             tot_loss += loss.detach() * len(idx)
             tot_correct += (out.argmax(1) == yb).sum()
         rec = {"epoch": ep + 1, "train_loss": tot_loss.item() / n, "train_acc": tot_correct.item() / n * 100}
         check_finite_loss(rec["train_loss"], f"{desc}: classifier training", ep + 1, "--lr")
         if (ep + 1) % cfg.eval_every == 0 or ep + 1 == cfg.epochs:
-            acc, per_class = accuracy(model, x_te, y_te, train.num_classes, accel.infer_batch)
+            judge = model if scored is None else scored.module
+            acc, per_class = accuracy(judge, x_te, y_te, train.num_classes, accel.infer_batch, tta)
             rec["test_acc"] = acc
             if acc > best:
                 best, best_ep = acc, ep + 1
@@ -208,6 +233,7 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
     elapsed = time.perf_counter() - t0
     x_tr.close()
     x_te.close()
-    return TrainResult(model=model, config=asdict(cfg), final_acc=acc, best_acc=best, best_epoch=best_ep,
+    return TrainResult(model=model if scored is None else scored.module, config=asdict(cfg), final_acc=acc,
+                       best_acc=best, best_epoch=best_ep,
                        per_class_acc=per_class, history=history, train_time_s=elapsed,
                        images_per_s=n * cfg.epochs / elapsed)
