@@ -372,6 +372,12 @@ def test_rate_rule_scales_limits_by_channels() -> None:
     assert pur.info_["kld_limits"] == pytest.approx({"stage1": 0.5 / 3, "stage2": 1.0})
     with pytest.raises(UserError, match="rate_rule"):
         DVAEConfig.preset("cpu", rate_rule="pixels")
+    # limits stated for 1-channel images (limit_channels=1) keep their nats per pixel value on RGB: x3
+    one = DVAEConfig.preset("paper", rate_rule="channels", limit_channels=1)
+    assert one.limit_for(3.0, 3) == pytest.approx(9.0) and one.limit_for(0.5, 1) == 0.5
+    assert one.limit_for(1.5, 4) == pytest.approx(6.0)
+    with pytest.raises(UserError, match="limit_channels"):
+        DVAEConfig.preset("paper", limit_channels=0)
 
 
 def test_cpu_and_thorough_presets_refit_p_hat() -> None:

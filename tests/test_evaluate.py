@@ -188,3 +188,19 @@ def test_bad_protocol_piece_is_user_error(bad: dict[str, float]) -> None:
 
     with pytest.raises(UserError):
         TrainConfig.preset("smoke", **bad).check()
+
+
+def test_min_steps_gives_small_sets_more_epochs() -> None:
+    """``min_steps``: epochs = max(epochs, ceil(min_steps / ceil(n / batch))); an explicit epoch count wins."""
+    cfg = TrainConfig(epochs=15, batch_size=128, min_steps=1000)
+    assert cfg.epochs_for(10000) == 15  # 79 steps an epoch: 15 epochs = 1185 steps >= 1000
+    assert cfg.epochs_for(5064) == 25  # 40 steps an epoch: ceil(1000 / 40) = 25
+    assert cfg.epochs_for(100) == 1000  # one step an epoch
+    assert TrainConfig(epochs=15, min_steps=0).epochs_for(100) == 15
+    assert TrainConfig.preset("cpu", min_steps=1000, epochs=3).min_steps == 1000
+    explicit = TrainConfig.preset("cpu", epochs=3)
+    assert explicit.epochs_for(100) == 3 and explicit.min_steps == 0
+    ds = make_synthetic(n=64, size=8, channels=1, classes=2, seed=0)
+    rec = evaluate(ds, config=TrainConfig(model="tinycnn", epochs=1, batch_size=32, min_steps=6), seed=0,
+                   device="cpu", progress=False)
+    assert len(rec["history"]) == 3  # 2 steps an epoch (48 training images), 6 steps: 3 epochs

@@ -47,6 +47,8 @@ class TrainConfig:
     flip: bool = True
     label_smoothing: float = 0.0
     eval_every: int = 1
+    #: at least this many optimizer steps: small sets train more epochs (0 = ``epochs`` as given)
+    min_steps: int = 0
     #: weight averaging: decay of an exponential moving average of the weights and BN buffers, updated every
     #: step and used for scoring (0 = off, the last iterate is scored)
     ema: float = 0.0
@@ -60,6 +62,8 @@ class TrainConfig:
         for k in ("epochs", "batch_size", "eval_every"):
             if not isinstance(getattr(self, k), numbers.Integral) or getattr(self, k) < 1:
                 raise UserError(f"{k} must be an integer >= 1, got {getattr(self, k)}")
+        if not isinstance(self.min_steps, numbers.Integral) or self.min_steps < 0:
+            raise UserError(f"min_steps must be an integer >= 0, got {self.min_steps}")
         if not isinstance(self.crop_pad, numbers.Integral) or self.crop_pad < 0:
             raise UserError(f"crop_pad must be an integer >= 0, got {self.crop_pad}")
         for k, lo, hi, lo_open in (("lr", 0.0, math.inf, True), ("momentum", 0.0, 1.0, False),
@@ -73,17 +77,26 @@ class TrainConfig:
             raise UserError(f"ema must be < 1 (a decay; 0 = off), got {self.ema}")
         return self
 
+    def epochs_for(self, n: int) -> int:
+        """Epochs for ``n`` training images: ``epochs``, or more where that many would not reach ``min_steps``."""
+        steps_per_epoch = max(1, math.ceil(n / self.batch_size))
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
+
     @classmethod
     def preset(cls, name: str = "paper", **overrides: object) -> TrainConfig:
         """``paper`` (ResNet-18, 60 epochs), ``cpu`` (smallcnn, 15 epochs), ``smoke`` (tinycnn, 3), or ``auto``;
         ``overrides`` (None = keep the preset's) must be fields of this class."""
-        return cls(**SCORING_PRESETS.values(name, overrides))  # type: ignore[arg-type]
+        table = SCORING_PRESETS.values(name, overrides)
+        if overrides.get("epochs") is not None and overrides.get("min_steps") is None:
+            table["min_steps"] = 0  # an explicit epoch count wins over a preset's step floor
+        return cls(**table)  # type: ignore[arg-type]
 
 
 #: the scoring protocol's presets (values here; the mechanism is :mod:`unpoison.presets`)
 TRAIN_PRESETS: dict[str, dict[str, object]] = {
     "paper": {},
-    "cpu": {"model": "smallcnn", "epochs": 15},
+    "cpu": {"model": "smallcnn", "epochs": 15, "min_steps": 1000, "ema": 0.99, "label_smoothing": 0.1,
+            "tta_flip": True},
     "smoke": {"model": "tinycnn", "epochs": 3, "batch_size": 64},
 }
 SCORING_PRESETS = register_presets(PresetTable(
@@ -184,18 +197,19 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
     y_te = torch.as_tensor(test.y_test, device=dev)
     n = len(x_tr)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    opt, sched = sgd_cosine(model.parameters(), cfg.lr, cfg.epochs * steps_per_epoch, cfg.momentum, cfg.weight_decay,
+    epochs = cfg.epochs_for(n)
+    opt, sched = sgd_cosine(model.parameters(), cfg.lr, epochs * steps_per_epoch, cfg.momentum, cfg.weight_decay,
                             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
     # the scored model: the last iterate, or an exponential moving average of weights and BN buffers
     scored = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema > 0
               else None)
     tta = cfg.tta_flip and cfg.flip
     if hasattr(train_defense, "begin"):  # a defense whose schedule depends on the run's length (UEraser)
-        train_defense.begin(cfg.epochs * steps_per_epoch)  # type: ignore[union-attr]
+        train_defense.begin(epochs * steps_per_epoch)  # type: ignore[union-attr]
     history: list[dict[str, float]] = []
     best, best_ep, per_class, acc = -1.0, 0, [], 0.0
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for ep in bar:
         model.train()
         perm = torch.randperm(n, device=dev, generator=gen)
@@ -221,7 +235,7 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
             tot_correct += (out.argmax(1) == yb).sum()
         rec = {"epoch": ep + 1, "train_loss": tot_loss.item() / n, "train_acc": tot_correct.item() / n * 100}
         check_finite_loss(rec["train_loss"], f"{desc}: classifier training", ep + 1, "--lr")
-        if (ep + 1) % cfg.eval_every == 0 or ep + 1 == cfg.epochs:
+        if (ep + 1) % cfg.eval_every == 0 or ep + 1 == epochs:
             judge = model if scored is None else scored.module
             acc, per_class = accuracy(judge, x_te, y_te, train.num_classes, accel.infer_batch, tta)
             rec["test_acc"] = acc
@@ -236,4 +250,4 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
     return TrainResult(model=model if scored is None else scored.module, config=asdict(cfg), final_acc=acc,
                        best_acc=best, best_epoch=best_ep,
                        per_class_acc=per_class, history=history, train_time_s=elapsed,
-                       images_per_s=n * cfg.epochs / elapsed)
+                       images_per_s=n * epochs / elapsed)

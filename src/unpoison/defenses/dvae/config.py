@@ -61,9 +61,11 @@ class DVAEConfig:
                       "median of x - x_hat(mu) on the training images (p_input=class; none = D_p as trained; "
                       "auto = median unless the calibrated poison scan finds the set clean)",
                       choices=("none", "mean", "median", "auto"), methods=("dvae",))
-    rate_rule: str = _f("fixed", "fixed: KLD limits as given; channels: limits x C/3 (the paper's limits are per "
-                        "latent position of 3-channel images)", choices=("fixed", "channels"),
+    rate_rule: str = _f("fixed", "fixed: KLD limits as given; channels: limits x C / limit_channels (the same nats "
+                        "per pixel value on images of any channel count)", choices=("fixed", "channels"),
                         methods=("dvae", "vae"))
+    limit_channels: int = _f(3, "the channel count the KLD limits are stated for (rate_rule=channels; the paper's "
+                             "limits: 3-channel images)", 1, 1024, methods=("dvae", "vae"))
     p_cap: float = _f(0.0, "> 0: add max(mean(p_hat^2), p_cap) (the release: 0.002); 0 = off", 0, methods=("dvae",))
     skip_stage1: bool = _f(False, "ablation (Table 6): purify with stage 2 only", methods=("dvae",))
     stage2_subtract: bool = _f(True, "ablation (Table 6): false -> x3 = x_hat(x1), no subtraction in stage 2",
@@ -94,9 +96,9 @@ class DVAEConfig:
 
     def limit_for(self, limit: float, channels: int) -> float:
         """A KLD limit as applied to ``channels``-channel images under :attr:`rate_rule`. A latent position at
-        x1/d covers ``d*d*C`` pixel values: the paper's limits were set with C = 3, so ``channels`` scales them
-        to the same nats per pixel value (1-channel images: a third)."""
-        return limit * channels / 3.0 if self.rate_rule == "channels" else limit
+        x1/d covers ``d*d*C`` pixel values, and a limit was set for ``C = limit_channels`` (the paper's: 3), so
+        ``channels`` scales it to the same nats per pixel value (paper limits on 1-channel images: a third)."""
+        return limit * channels / self.limit_channels if self.rate_rule == "channels" else limit
 
     def check(self) -> None:
         """Every field against its declared type and range (one-line :class:`UserError`)."""
