@@ -26,6 +26,7 @@ from .models import create_model
 from .presets import PresetTable, register_presets
 from .stream import BatchSource, ResidentSource, fits, make_source, shard_ranges
 from .stream import memory_budget as _memory_budget
+from .tags import tags_of
 from .tensors import TrainDefense, augment_batch, pick_device, rng_scope, sgd_cosine, to_device_images
 
 __all__ = ["TrainConfig", "TrainResult", "TrainDefense", "train_classifier", "predict", "accuracy", "TRAIN_PRESETS",
@@ -168,7 +169,7 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
     n = len(x_tr)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     opt, sched = sgd_cosine(model.parameters(), cfg.lr, cfg.epochs * steps_per_epoch, cfg.momentum, cfg.weight_decay)
-    if hasattr(train_defense, "begin"):  # a defense whose schedule depends on the run's length (UEraser)
+    if tags_of(train_defense).schedule:  # a defense whose schedule depends on the run's length (UEraser)
         train_defense.begin(cfg.epochs * steps_per_epoch)  # type: ignore[union-attr]
     history: list[dict[str, float]] = []
     best, best_ep, per_class, acc = -1.0, 0, [], 0.0
