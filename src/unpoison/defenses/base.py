@@ -139,7 +139,7 @@ TRAIN_DEFENSES: Registry[Callable[..., TrainDefense]] = Registry("training-time 
 def make_purifier(name: str, params: Mapping[str, Any] | None = None, *, device: str | torch.device = "auto",
                   seed: int = 0, progress: bool = True, preset: str | None = None,
                   checkpoint_dir: str | Path | None = None, resume: bool | None = False,
-                  memory_budget: str | int | None = None, dist: Any = None, **kw: Any) -> Purifier:
+                  memory_budget: str | int | None = None, dist: Any = None, **more: Any) -> Purifier:
     """The one way to build a purifier (the CLI, the pipeline, detection, a benchmark cell and its check).
 
     Method parameters (``params`` and/or keywords; a ``preset`` among them wins over the ``preset`` argument) are
@@ -150,7 +150,7 @@ def make_purifier(name: str, params: Mapping[str, Any] | None = None, *, device:
     (:mod:`unpoison.distributed`) for one that does not stream."""
     cls = DEFENSES.get(name)
     tags = cls.tags
-    params = {**(params or {}), **kw}
+    params = {**(params or {}), **more}
     preset = params.pop("preset", None) or preset
     params = check_params(params, cls.PARAMS, f"defense {name!r}")
     common = {"device": device, "seed": seed, "progress": progress, "preset": preset}
