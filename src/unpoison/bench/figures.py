@@ -180,6 +180,8 @@ def fig_frontier(cells: list[dict[str, Any]], path: Path, title: str) -> Path | 
     if not pts:
         return None
     plt = pyplot()
+    from matplotlib.ticker import NullFormatter
+
     atks = [a for a in dict.fromkeys(axis_label(r["config"], "attack") for r in cells) if a in pts or a in base]
     ncols = min(3, len(atks) + 1)
     nrows = -(-(len(atks) + 1) // ncols)
@@ -191,7 +193,9 @@ def fig_frontier(cells: list[dict[str, Any]], path: Path, title: str) -> Path | 
             spare = _SPARE_STYLES[len([f for f in styles if f not in _FAMILY_STYLE]) % len(_SPARE_STYLES)]
             styles[p["family"]] = _FAMILY_STYLE.get(p["family"], (*spare, p["family"]))
     xs = [p["x"] for a in atks for p in pts.get(a, [])]
-    xlim = (min(xs) / 2.5, max(xs) * 2.5)
+    lo, hi = min(xs) / 2.5, max(xs) * 2.5
+    widen = max(1.0, math.sqrt(100 * lo / hi))  # at least two decades, so the axis has two labelled ticks
+    xlim = (lo / widen, hi * widen)
     marked: dict[str, list[dict[str, Any]]] = {}
     for ax, atk in zip(flat, atks):
         ps = pts.get(atk, [])
@@ -207,6 +211,7 @@ def fig_frontier(cells: list[dict[str, Any]], path: Path, title: str) -> Path | 
             ax.axhline(base[atk], color="dimgray", ls="--", lw=1.0, zorder=1)
         ax.set_xscale("log")
         ax.set_xlim(*xlim)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ys = [p["y"] - p["std"] for p in ps] + [p["y"] + p["std"] for p in ps] + ([base[atk]] if atk in base else [])
         pad = max(2.0, 0.08 * (max(ys) - min(ys)))
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
