@@ -11,8 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
+from unpoison.bench.cell import CellContext
 from unpoison.bench.grid import expand, load_config
-from unpoison.bench.run import CellContext
 
 ORDER = ["none", "lsp", "ops", "ar", "ntga", "em", "tap", "sep", "rem"]
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 import numpy as np
 from unpoison.defenses.base import DEFENSES, Purifier
+from unpoison.tags import Tags
 
 if "test-fail" not in DEFENSES:
     @DEFENSES.register("test-fail", "always raises")
@@ -44,7 +45,7 @@ if "test-fail" not in DEFENSES:
     @DEFENSES.register("test-crash", "dies once mid-cell, then resumes from its checkpoint")
     class Crash(Purifier):
         name = "test-crash"
-        supports_checkpoint = True
+        tags = Tags(checkpoint=True)
         def __init__(self, checkpoint_dir=None, resume=False):
             super().__init__()
             self.ckpt = Path(checkpoint_dir) / "state.json"
@@ -404,7 +405,8 @@ def test_avatar_gets_its_diffusion_model_from_a_dependency_cell(tmp_path: Path) 
 
 
 def test_report_escapes_user_names_and_builds_safe_file_names(tmp_path: Path) -> None:
-    from unpoison.bench.report import csv_safe, dvae_variant, paper_value
+    from unpoison.bench.paper import dvae_variant, paper_value
+    from unpoison.bench.table import csv_safe
 
     cfg = {"name": "x", "axes": {"dataset": ["../../evil dir/x:y"], "attack": [{"name": "lsp", "label": "**b**|p"}],
                                  "defense": [{"name": "jpeg", "label": "=HYPERLINK(\"h\")"}], "model": ["tinycnn"]}}
@@ -561,3 +563,48 @@ def test_attack_seed_shares_one_poison_across_cell_seeds(tmp_path: Path) -> None
             expand({"axes": {"attack": [bad]}})
     with pytest.raises(UserError, match="'seed'"):
         expand({"axes": {"defense": [{"name": "jpeg", "seed": 0}]}})
+
+
+def test_frontier_plot_front_presets_and_families() -> None:
+    """The frontier figure's parts: the Pareto front (no point beats a front point on both axes; ties in CPU time
+    keep the better one), which rows are a D-VAE preset (spelled out or named; a row one value off is none), and
+    the points: the mean over seeds, the CPU time of the timed cells only, w/o as the per-attack baseline."""
+    from unpoison.bench.figures import _frontier_points, dvae_preset_of, pareto_front
+    from unpoison.defenses.dvae.config import DVAE_PRESETS
+
+    pts = [{"x": x, "y": y, "label": lab} for x, y, lab in
+           [(1.0, 80.0, "a"), (0.5, 70.0, "b"), (2.0, 75.0, "c"), (2.0, 85.0, "d"), (4.0, 85.0, "e"), (8.0, 90.0, "f")]]
+    assert [p["label"] for p in pareto_front(pts)] == ["b", "a", "d", "f"]
+    cpu = dict(DVAE_PRESETS.values("cpu", {}))
+    assert dvae_preset_of({"name": "dvae", "params": cpu}) == "cpu"
+    assert dvae_preset_of({"name": "dvae", "params": {"preset": "thorough"}}) == "thorough"
+    assert dvae_preset_of({"name": "dvae", "params": {**cpu, "p_refit": "none"}}) is None  # the old cpu row
+    assert dvae_preset_of({"name": "dvae", "params": {**cpu, "kld_limit2": 1.0}}) is None
+    assert dvae_preset_of({"name": "bdr", "params": {}}) is None
+
+    def row(defense: str, attack: str, acc: float, cpu_s: float | None, seed: int = 0, attempts: int = 1) -> dict:
+        return {"status": "done", "attempts": attempts, "results": {"final_acc": acc},
+                "timings": {} if cpu_s is None else {"purify_cpu": cpu_s},
+                "config": {"seed": seed, "attack": {"name": attack, "label": attack},
+                           "defense": {"name": defense, "label": defense, "params": {}}}}
+
+    got, base = _frontier_points([row("none", "lsp", 30.0, None), row("bdr", "lsp", 84.0, 60.0),
+                                  row("bdr", "lsp", 86.0, 120.0, seed=1), row("jpeg", "lsp", 50.0, 6.0),
+                                  row("jpeg", "lsp", 52.0, 600.0, seed=1, attempts=2)])
+    assert base == {"lsp": 30.0}
+    bdr, jpeg = sorted(got["lsp"], key=lambda p: p["family"])
+    assert (bdr["x"], bdr["y"], bdr["std"]) == (1.5, 85.0, 1.0)
+    assert (jpeg["x"], jpeg["y"]) == (0.1, 51.0)  # the resumed cell's partial time left out, its accuracy kept
+
+
+def test_report_number_formatter() -> None:
+    """One formatter: a number in a format spec (scaled), a marker for no number; means with ± std over seeds."""
+    from unpoison.bench.table import mean_text, num
+
+    assert (num(3.14159), num(2, ".3g"), num(1234567, scale=1e-6), num(None), num("x", missing="-")) == \
+        ("3.14", "2", "1.23", "", "-")
+    assert num(float("nan")) == "nan" and num(True) == ""
+    assert mean_text([1.0, 3.0]) == "2.00 ± 1.00" and mean_text([0.5], 3) == "0.500" and mean_text([]) == ""
+    assert mean_text([0.25, None, float("nan")], pct=True, finite_only=True) == "25.0%"
+    assert mean_text([None], finite_only=True) == "-"
+    assert mean_text([float("inf"), float("inf")], finite_only=True) == "inf"

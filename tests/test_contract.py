@@ -73,7 +73,7 @@ def test_purifier_contract(name: str, data, workdir) -> None:
     for bad in (x.astype(np.float32), x[0], x.reshape(len(x), -1)):
         with pytest.raises(UserError):
             build().fit_purify(bad, y)
-    if cls.needs_labels:
+    if cls.tags.labels:
         with pytest.raises(UserError):
             build().fit_purify(x, y[:-1])
         with pytest.raises(UserError):
@@ -83,6 +83,32 @@ def test_purifier_contract(name: str, data, workdir) -> None:
     for k, v in _out_of_range(cls.PARAMS):
         with pytest.raises(UserError):
             build(**{k: v})
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_purifier_tags_match_what_the_class_does(name: str, data, workdir) -> None:
+    """A class's tags are its one declaration of what it can do, so they must be true of it: the methods and
+    keyword arguments they promise exist, a learning purifier changes state in fit, the packages exist."""
+    import importlib.util
+    import inspect
+
+    from unpoison.tags import Tags
+
+    cls = DEFENSES.get(name)
+    tags = cls.tags
+    assert isinstance(tags, Tags) and tags.p_hat in ("none", "extras", "infer")
+    init = inspect.signature(cls.__init__).parameters
+    assert tags.checkpoint == ("checkpoint_dir" in init and "resume" in init)
+    assert tags.streaming == ("memory_budget" in init and callable(getattr(cls, "plan", None)))
+    if tags.p_hat == "infer":
+        assert callable(getattr(cls, "fit_stage1", None)) and callable(getattr(cls, "estimate_perturbation", None))
+    for module, _ in tags.requires:
+        assert importlib.util.find_spec(module) is not None or pytest.skip(f"{module} not installed")
+    if tags.p_hat != "none":
+        x, y = data
+        pur = make_purifier(name, device="cpu", seed=3, progress=False, **cls.smoke(workdir, SHAPE))
+        pur.fit_purify(x, y)
+        assert pur.extras_["p_hat"].shape == x.shape  # every p_hat purifier leaves it after fit_purify
 
 
 # --- attacks -----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from unpoison.data import make_synthetic, save_dataset
 from unpoison.defenses.base import DEFENSES, Purifier
 from unpoison.detect import detect_poison
+from unpoison.tags import Tags
 from unpoison.train import TrainConfig
 
 #: one flat colour shift per class: a shortcut a tiny CNN learns in a few steps
@@ -23,7 +24,7 @@ if "test-oracle" not in DEFENSES:
     @DEFENSES.register("test-oracle", "a perfect stage 1: p_hat = the class-wise poison pattern")
     class Oracle(Purifier):
         name = "test-oracle"
-        needs_labels = True
+        tags = Tags(labels=True, p_hat="extras")
 
         def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
             self.extras_ = {"p_hat": _PATTERNS[y].astype(np.float16)}  # 0..255 pixel units

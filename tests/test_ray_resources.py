@@ -13,7 +13,7 @@ from unpoison.bench.store import Store
 # A cell kind that reports what Ray gave the task it runs in (imported by the Ray workers as a plugin).
 PLUGIN = '''
 import os
-from unpoison.bench.run import KINDS, kind
+from unpoison.bench.kinds import KINDS, kind
 
 if "test-resources" not in KINDS:
     @kind("test-resources", "reports the resources Ray assigned to this cell's task")

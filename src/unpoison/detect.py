@@ -55,20 +55,18 @@ def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: d
     from .defenses.base import as_labels, as_uint8_nhwc
 
     cls = DEFENSES.get(purifier)
-    kw = dict(params or {})
-    preset = kw.pop("preset", None) or (preset if "preset" in cls.COMMON else None)
-    ckpt = checkpoint_dir if cls.supports_checkpoint else None
-    pur = make_purifier(purifier, device=device, seed=seed, progress=progress, preset=preset,
-                        checkpoint_dir=ckpt, resume=ckpt is not None, **kw)
+    pur = make_purifier(purifier, params, device=device, seed=seed, progress=progress,
+                        preset=preset if "preset" in cls.COMMON else None, checkpoint_dir=checkpoint_dir, resume=None)
     x = as_uint8_nhwc(x)
     y = as_labels(y, len(x))
     xa, ya = (x, y) if x_apply is None else (as_uint8_nhwc(x_apply), as_labels(y_apply, len(x_apply)))
-    if hasattr(pur, "estimate_perturbation"):
-        pur.fit_stage1(x, y) if hasattr(pur, "fit_stage1") else pur.fit(x, y)
+    if pur.tags.p_hat == "infer":
+        pur.fit_stage1(x, y)
         p = pur.estimate_perturbation(xa, ya, stage="stage1")
     else:
         if x_apply is not None:
-            raise UserError(f"defense {purifier!r} cannot infer p_hat on new images (no estimate_perturbation)")
+            raise UserError(f"defense {purifier!r} cannot infer p_hat on new images (its tags: p_hat "
+                            f"{pur.tags.p_hat!r}, not 'infer')")
         pur.fit_purify(x, y)
         if "p_hat" not in pur.extras_:
             raise UserError(f"defense {purifier!r} exposes no stage-1 p_hat; detection needs one (e.g. dvae)")

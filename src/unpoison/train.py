@@ -27,6 +27,7 @@ from .models import create_model
 from .presets import PresetTable, register_presets
 from .stream import BatchSource, ResidentSource, fits, make_source, shard_ranges
 from .stream import memory_budget as _memory_budget
+from .tags import tags_of
 from .tensors import TrainDefense, augment_batch, pick_device, rng_scope, sgd_cosine, to_device_images
 
 __all__ = ["TrainConfig", "TrainResult", "TrainDefense", "train_classifier", "predict", "accuracy", "TRAIN_PRESETS",
@@ -204,7 +205,7 @@ def _train_classifier(train: ImageDataset, test: ImageDataset | None, cfg: Train
     scored = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema > 0
               else None)
     tta = cfg.tta_flip and cfg.flip
-    if hasattr(train_defense, "begin"):  # a defense whose schedule depends on the run's length (UEraser)
+    if tags_of(train_defense).schedule:  # a defense whose schedule depends on the run's length (UEraser)
         train_defense.begin(epochs * steps_per_epoch)  # type: ignore[union-attr]
     history: list[dict[str, float]] = []
     best, best_ep, per_class, acc = -1.0, 0, [], 0.0

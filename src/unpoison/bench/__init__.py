@@ -4,8 +4,11 @@
 validates one without running it; ``build_report("out/")`` writes ``out/report/``. The CLI commands
 ``unpoison bench`` and ``unpoison report`` wrap these.
 
-Modules, lowest first: ``grid`` (configs -> cells), ``run`` (one cell), ``check`` (every cell, before a
-run), ``store`` (SQLite), ``executors`` (where cells run), ``report`` (tables, figures).
+Modules, lowest first (each imports only modules above it): ``grid`` (configs -> cells), ``store`` (SQLite),
+``paper`` (the paper's numbers), ``table`` (the number formatter, the Table, pivots), ``tables`` (the kinds'
+tables), ``figures``, ``sections`` and ``report_scan`` (each kind's report section), ``cell`` (a cell's context
+and the builders it shares with the check), ``kinds`` (the kind registry and experiment functions), ``run`` (one
+cell), ``executors`` (where cells run), ``check`` (every cell, before a run), ``report`` (the report page).
 """
 
 from __future__ import annotations
@@ -14,8 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..errors import UserError
+from .check import check_grid
+from .executors import EXECUTORS
 from .grid import Cell, expand, fingerprint, import_plugins, load_config, require_plugins_allowed, shipped_configs
+from .report import build_report
 from .store import Store
 
 
@@ -34,8 +42,6 @@ def check_config(config: str | Path, preset: str | None = None, datasets: list[s
 
     Config-level errors (no such config, bad YAML, unknown keys, plugins without ``allow_plugins``) raise
     :class:`UserError`; per-cell problems are returned in ``problems``."""
-    from .check import check_grid
-
     cfg = load_config(config, preset, datasets)
     require_plugins_allowed(cfg, allow_plugins)
     import_plugins(cfg.get("plugins") or [])
@@ -55,10 +61,6 @@ def run_grid(config: str | Path, outdir: str | Path, preset: str | None = None, 
     other data (the content behind a dataset spec changed) run again. Cells a grid ``needs`` first (AVATAR's
     diffusion model) run before their dependents; a dependent of a failed one fails without running.
     """
-    from tqdm.auto import tqdm
-
-    from .executors import EXECUTORS
-
     exe = EXECUTORS.get(executor)
     grid = check_config(config, preset, datasets, allow_plugins)
     if grid.problems:
@@ -103,12 +105,6 @@ def _levels(cells: list[Cell]) -> list[list[Cell]]:
         done |= {c.key for c in level}
         left = [c for c in left if c.key not in done]
     return out
-
-
-def build_report(outdir: str | Path) -> Path:
-    from .report import build_report as _build
-
-    return _build(outdir)
 
 
 __all__ = ["run_grid", "check_config", "build_report", "load_config", "expand", "fingerprint", "Cell", "Store",

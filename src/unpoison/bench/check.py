@@ -13,12 +13,22 @@ Problems are collected, not stopped at, so one check lists them all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..attacks import make_attack
+from ..attacks.base import check_eps
+from ..defenses import DEFENSES, TRAIN_DEFENSES, make_train_defense
+from ..defenses.avatar import DIFFUSION_PRESETS
+from ..defenses.base import require_packages
 from ..errors import UserError
+from ..models import create_model
 from ..params import check_params, unknown
+from ..tensors import rng_scope
+from ..utils import parse_fraction
+from .cell import cell_purifier, load_for_cell, subset_args, train_config
 from .grid import Cell, attack_seed
-from .run import KINDS, Kind, load_for_cell, subset_args
+from .kinds import KINDS, Kind
 
 #: the report's ``table:`` keys
 _TABLE_KEYS = {"rows", "cols", "mean_row", "mean_col", "psnr_row", "layout"}
@@ -96,10 +106,6 @@ def _check_table(cfg: dict[str, Any]) -> list[str]:
     return out
 
 
-def _check_params(k: Kind, params: dict[str, Any]) -> None:
-    check_params(params, k.params, f"kind {k.name!r}")
-
-
 def _steps(k: Kind) -> list[Any]:
     """The checks a cell of kind ``k`` gets (its declared ``checks``), each run on its own so that one cell can
     show several problems."""
@@ -109,7 +115,7 @@ def _steps(k: Kind) -> list[Any]:
 
 
 def _step_params(cell: Cell, k: Kind, data: DataFacts | None, built: set[tuple[Any, ...]]) -> None:
-    _check_params(k, cell.config.get("params") or {})
+    check_params(cell.config.get("params") or {}, k.params, f"kind {k.name!r}")
 
 
 def _step_diffusion(cell: Cell, k: Kind, data: DataFacts | None, built: set[tuple[Any, ...]]) -> None:
@@ -147,14 +153,7 @@ def _ratio(c: dict[str, Any], k: Kind, n: int) -> float:
 
 
 def _check_train(c: dict[str, Any], data: DataFacts, built: set[tuple[Any, ...]]) -> None:
-    from ..models import create_model
-    from ..tensors import rng_scope
-    from ..train import TrainConfig
-
-    t = {**(c.get("train") or {}), **(c["defense"].get("train") or {})}
-    preset = t.pop("preset", "smoke")
-    t["model"] = c.get("model") or t.get("model")
-    cfg = TrainConfig.preset(preset, **t)
+    cfg = train_config(c)  # what the cell will score with
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UserError(f"train: epochs and batch_size must be >= 1 and lr > 0, got {cfg.epochs}, {cfg.batch_size}, "
                         f"{cfg.lr}")
@@ -167,10 +166,6 @@ def _check_train(c: dict[str, Any], data: DataFacts, built: set[tuple[Any, ...]]
 
 
 def _check_attack(c: dict[str, Any], data: DataFacts) -> None:
-    from ..attacks import make_attack
-    from ..attacks.base import check_eps
-    from ..utils import parse_fraction
-
     a = c["attack"]
     if a["name"] == "none":
         return
@@ -187,8 +182,6 @@ def _check_attack(c: dict[str, Any], data: DataFacts) -> None:
 
 
 def _check_defense(c: dict[str, Any], k: Kind, data: DataFacts) -> None:
-    from ..defenses import DEFENSES, TRAIN_DEFENSES, make_train_defense
-
     d = c["defense"]
     name = d["name"]
     if k.detector:
@@ -215,44 +208,31 @@ def _check_defense(c: dict[str, Any], k: Kind, data: DataFacts) -> None:
 
 def _purifier(name: str, params: dict[str, Any], c: dict[str, Any], data: DataFacts, need: str,
               what: str = "") -> None:
-    from pathlib import Path
-
-    from ..defenses import DEFENSES, make_purifier
-
+    """Build the purifier as the cell will (:func:`~unpoison.bench.cell.cell_purifier`; ``__init__`` does no I/O,
+    so the placeholder paths are not touched) and check what its tags and files promise."""
     cls = DEFENSES.get(name)
-    if need == "apply" and not hasattr(cls, "estimate_perturbation"):
+    if need == "apply" and cls.tags.p_hat != "infer":
         raise UserError(f"{what}defense {name!r} cannot infer p_hat on new images (no estimate_perturbation)")
-    kw = dict(params)
     dep = cls.DEPENDENCY
-    from_dep = dep is not None and not kw.get(dep.param) and bool(c.get(dep.cell_key))
-    if from_dep:
-        kw[dep.param] = f"<made by the grid's {dep.kind} cell>"
-    # built as the cell will build it (a checkpoint folder too); __init__ does no I/O, so the path is not touched
-    ckpt = "<the cell's checkpoint folder>" if cls.supports_checkpoint else None
+    dep_file = f"<made by the grid's {dep.kind} cell>" if dep is not None else None
     try:
-        pur = make_purifier(name, device=c.get("device", "auto"), seed=int(c.get("seed", 0)), progress=False,
-                            checkpoint_dir=ckpt, resume=ckpt is not None, **kw)
+        pur = cell_purifier(c, name, params, "<the cell's checkpoint folder>", dep_file)
     except UserError as e:
         hint = (f" (or give the config a top-level '{dep.config_key}:' so the grid makes one first)"
                 if dep is not None else "")
         raise UserError(f"{what}{e}{hint}") from None
-    if name == "avatar":
-        from ..defenses.avatar import _require_diffusers
-
-        _require_diffusers()
+    require_packages(name)
     for f in pur.required_files():
-        if not (from_dep and dep is not None and f == kw.get(dep.param)) and not Path(f).expanduser().is_file():
+        if f != dep_file and not Path(f).expanduser().is_file():
             raise UserError(f"{what}defense {name!r} needs the file {f}, which does not exist")
     pur.check_input(data.shape)
 
 
 def _check_diffusion(d: dict[str, Any]) -> None:
-    from ..defenses.avatar import DIFFUSION_PRESETS, _require_diffusers
-
     if not isinstance(d, dict):
         raise UserError("'diffusion' must be a mapping")
     bad = sorted(set(d) - _DIFFUSION_KEYS)
     if bad:
         raise UserError(f"diffusion: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(_DIFFUSION_KEYS))}")
     DIFFUSION_PRESETS.values(d.get("preset", "auto"), {k: d.get(k) for k in ("epochs", "batch_size", "lr")})
-    _require_diffusers()
+    require_packages("avatar")  # the DDPM is AVATAR's

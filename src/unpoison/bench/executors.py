@@ -8,6 +8,7 @@ fails only its own cell; the grid goes on.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -64,8 +65,6 @@ def run_local(store: Store, cells: list[Cell], outdir: Path, workers: int = 1, p
                 store.record(cell.key, rec)
                 bar.update(cell, rec)
             return bar.counts
-        import multiprocessing as mp
-
         threads = max(1, (os.cpu_count() or 1) // workers)
         queue = list(cells)
         while queue:

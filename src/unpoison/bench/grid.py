@@ -2,10 +2,9 @@
 
 A config (a shipped name such as ``table2`` or a YAML path) names *axes*; the grid is their product.
 Each cell is one experiment: ``dataset x attack x defense x model x seed`` (plus any extra axis such
-as ``ratio``), with per-cell parameters. ``kind`` selects the experiment function (``purify`` by
-default; ``detect``, ``disentangle-check``, ``partial``, ``amplify``, ``theorem2`` for the other tables).
-This module only reads and expands configs; :mod:`unpoison.bench.check` validates the cells and
-:mod:`unpoison.bench.run` runs them.
+as ``ratio``), with per-cell parameters. ``kind`` selects the experiment (:data:`unpoison.bench.kinds.KINDS`;
+``purify`` by default). This module only reads and expands configs; :mod:`unpoison.bench.check` validates the
+cells and :func:`unpoison.bench.run.run_cell` runs each.
 
 Config shape (every key optional except ``axes``)::
 
@@ -49,9 +48,11 @@ from typing import Any
 
 import yaml
 
+from ..defenses import DEFENSES
 from ..errors import UserError
 from ..params import unknown
 from ..presets import PresetTable, register_presets
+from ..train import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: a grid's presets: the values live in each config's ``presets:`` section
@@ -59,8 +60,6 @@ BENCH_PRESETS = register_presets(PresetTable(
     "bench", {"smoke": {}, "cpu": {}, "paper": {}},
     help="benchmark grids (smoke: tiny synthetic data; cpu: Fashion-MNIST subsets; paper: the paper's runs)"))
 PRESETS = tuple(BENCH_PRESETS.names())
-#: axes every cell has (filled with defaults when a config leaves them out)
-CORE_AXES = ("dataset", "attack", "defense", "model", "seed")
 _TOP_KEYS = {"name", "title", "note", "kind", "table", "plugins", "axes", "subset", "train", "attack_params",
              "defense_params", "params", "resources", "presets", "description", "device", "cells",
              "attack_preset", "diffusion"}
@@ -300,8 +299,6 @@ def _dependency_cells(cells: list[Cell], cfg: dict[str, Any], start: int) -> lis
     AVATAR without a ``checkpoint`` gets its DDPM from a ``train-diffusion`` cell per (dataset, subset, seed),
     trained on that dataset's clean training split with the config's ``diffusion:`` settings). Dependents name
     it in ``needs``."""
-    from ..defenses import DEFENSES
-
     deps: dict[str, Cell] = {}
     for cell in cells:
         c = cell.config
@@ -326,8 +323,6 @@ def _dependency_cells(cells: list[Cell], cfg: dict[str, Any], start: int) -> lis
 def _default_model(train: dict[str, Any]) -> str:
     if train.get("model"):
         return str(train["model"])
-    from ..train import TrainConfig
-
     return TrainConfig.preset(str(train.get("preset", "smoke"))).model
 
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import ReportContext, Section, Table, _fig_to_png, _plt, axis_label
-
-
-def _f(v: Any, fmt: str) -> str:
-    return fmt.format(v) if isinstance(v, (int, float)) and v == v else ""
+from .figures import fig_to_png, pyplot
+from .sections import ReportContext, Section
+from .table import Table, axis_label, num
 
 
 def scan_table(cells: list[dict[str, Any]], title: str) -> Table:
@@ -24,20 +22,20 @@ def scan_table(cells: list[dict[str, Any]], title: str) -> Table:
         c, res = r["config"], r["results"] or {}
         clean = c["attack"]["name"] == "none"
         sub = c.get("subset") or {}
-        line = [axis_label(c, "attack"), "-" if clean else f"{float(c.get('ratio', 1.0)):g}",
+        line = [axis_label(c, "attack"), "-" if clean else num(float(c.get("ratio", 1.0)), "g"),
                 str(res.get("n", sub.get("n_train", ""))), str(sub.get("seed", 0))]
         if r["status"] != "done":
             body.append(line + [r["status"]] + [""] * (len(sig) + 6))
             continue
-        line += ["POISONED" if res.get("poisoned") else "clean", res.get("kind") or "", _f(res.get("score"), "{:.1f}")]
-        line += [_f(res["z"].get(s), "{:+.1f}") for s in sig]
-        line += [_f(res.get(k), "{:.3f}") for k in ("precision", "recall", "f1")]
-        line.append(_f((r.get("timings") or {}).get("scan"), "{:.1f}"))
+        line += ["POISONED" if res.get("poisoned") else "clean", res.get("kind") or "", num(res.get("score"), ".1f")]
+        line += [num(res["z"].get(s), "+.1f") for s in sig]
+        line += [num(res.get(k), ".3f") for k in ("precision", "recall", "f1")]
+        line.append(num((r.get("timings") or {}).get("scan"), ".1f"))
         body.append(line)
     header = ["attack", "ratio", "n", "subset seed", "verdict", "kind", "score", *(f"z {s}" for s in sig),
               "precision", "recall", "F1", "scan (s)"]
     thr = next(((r["results"] or {}).get("threshold") for r in cells if r["results"]), None)
-    note = (f"score = largest |z| of the signals against the clean null; poisoned when >= {thr:g}. "
+    note = (f"score = largest |z| of the signals against the clean null; poisoned when >= {num(thr, 'g')}. "
             "Precision/recall/F1: the per-sample flags against the poisoned indices." if thr else "")
     return Table(title, header, body, note)
 
@@ -54,7 +52,7 @@ def fig_scan_scores(cells: list[dict[str, Any]], path: Path, title: str) -> Path
     done = sorted((r for r in cells if r["status"] == "done" and r["results"]), key=_order)
     if not done:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(done)), 3.6))
     colors = {0.1: "tab:orange", 0.5: "tab:red", 1.0: "darkred"}
     labels, vals, cols = [], [], []
@@ -75,7 +73,7 @@ def fig_scan_scores(cells: list[dict[str, Any]], path: Path, title: str) -> Path
     ax.set_xticklabels(labels, rotation=75, fontsize=7)
     ax.set_ylabel("scan score (max |z|)")
     ax.set_title(title, fontsize=10)
-    return _fig_to_png(fig, path)
+    return fig_to_png(fig, path)
 
 
 def scan_section(cells: list[dict[str, Any]], rc: ReportContext) -> Section:

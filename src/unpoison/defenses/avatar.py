@@ -33,8 +33,9 @@ from ..data import ImageDataset
 from ..errors import UserError
 from ..params import Param
 from ..presets import PresetTable, register_presets
+from ..tags import Tags
 from ..tensors import pick_device, rng_scope
-from .base import DEFENSES, Dependency, Purifier
+from .base import DEFENSES, Dependency, Purifier, require_packages
 
 FORMAT = "unpoison-diffusion"
 #: the checkpoint a grid's train-diffusion cell writes into its folder
@@ -59,10 +60,9 @@ DIFFUSION_PRESETS = register_presets(PresetTable(
 
 
 def _require_diffusers() -> Any:
-    try:
-        import diffusers
-    except ModuleNotFoundError:  # pragma: no cover - optional extra
-        raise UserError("AVATAR needs the 'diffusers' package: pip install 'unpoison[diffusion]'") from None
+    require_packages("avatar")  # the package its tags name, with the pip extra that brings it
+    import diffusers
+
     return diffusers
 
 
@@ -215,6 +215,7 @@ class AvatarPurifier(Purifier):
         "batch_size": Param(int, 256, "images per denoising batch", low=1),
     }
     COMMON = frozenset({"device", "seed", "progress"})
+    tags = Tags(requires=(("diffusers", "diffusion"),))
     #: without a checkpoint, a grid whose config has ``diffusion:`` trains one first (kind train-diffusion)
     DEPENDENCY = Dependency(kind="train-diffusion", config_key="diffusion", param="checkpoint", file=DIFFUSION_FILE)
 

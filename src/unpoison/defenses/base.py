@@ -6,10 +6,14 @@ outputs are uint8 ``N x H x W x C`` numpy arrays (torch tensors are accepted and
 
 A *training-time defense* (adversarial training, UEraser) is a callable ``(model, x, y) -> x'``
 that the scoring protocol applies to every batch (see :data:`unpoison.train.TrainDefense`).
+
+What each class can do (labels, checkpoints, streaming, p_hat, optional packages) is its ``tags``
+(:class:`unpoison.tags.Tags`); :func:`make_purifier` is the one way to build a purifier.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from .._validate import as_labels, as_uint8_nhwc  # noqa: F401  (re-exported)
 from ..errors import UserError
 from ..params import Param, check_params
 from ..presets import show_value
+from ..tags import Tags
 from ..tensors import TrainDefense
 
 
@@ -48,9 +53,8 @@ class Purifier:
 
     After :meth:`transform`, ``stages_`` holds named intermediate batches (for the image grid, e.g.
     ``{"after stage 1": x1}``), ``extras_`` holds arrays worth saving (e.g. ``{"p_hat": ...}``)
-    and ``info_`` a JSON-able dict (per-stage PSNR, losses). ``needs_labels`` says whether
-    :meth:`fit`/:meth:`transform` use ``y``. Purifiers with ``supports_checkpoint`` accept
-    ``checkpoint_dir`` and ``resume`` in ``__init__``.
+    and ``info_`` a JSON-able dict (per-stage PSNR, losses). ``tags`` says what the class can do
+    (:class:`~unpoison.tags.Tags`: whether it needs ``y``, checkpoints, streams, exposes ``p_hat``).
     """
 
     name: str = ""
@@ -58,11 +62,8 @@ class Purifier:
     PARAMS: Mapping[str, Param] = {}
     #: which common settings (device, seed, progress, preset) ``__init__`` accepts; :func:`make_purifier` passes them
     COMMON: frozenset[str] = frozenset()
-    needs_labels: bool = False
-    learns: bool = False
-    supports_checkpoint: bool = False
-    #: accepts ``memory_budget`` and ``dist``: streams splits larger than memory, runs on several processes
-    supports_streaming: bool = False
+    #: what the class can do, declared once (read by the builders, the pipeline, detection, the bench check)
+    tags: Tags = Tags()
 
     def __init__(self, **params: Any) -> None:
         declared = {k: v for k, v in params.items() if k in self.PARAMS}  # the rest: common settings (seed, ...)
@@ -100,7 +101,7 @@ class Purifier:
     def fit(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> Purifier:
         xx = as_uint8_nhwc(x)
         yy = as_labels(y, len(xx))
-        if self.needs_labels and yy is None:
+        if self.tags.labels and yy is None:
             raise UserError(f"{self.name} needs labels y")
         self._fit(xx, yy)
         return self
@@ -108,7 +109,7 @@ class Purifier:
     def transform(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
         xx = as_uint8_nhwc(x)
         yy = as_labels(y, len(xx))
-        if self.needs_labels and yy is None:
+        if self.tags.labels and yy is None:
             raise UserError(f"{self.name} needs labels y")
         out = self._transform(xx, yy)
         assert out.dtype == np.uint8 and out.shape == xx.shape, (out.dtype, out.shape, xx.shape)
@@ -135,14 +136,21 @@ DEFENSES: Registry[type[Purifier]] = Registry("defense")
 TRAIN_DEFENSES: Registry[Callable[..., TrainDefense]] = Registry("training-time defense")
 
 
-def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int = 0, progress: bool = True,
-                  preset: str | None = None, checkpoint_dir: str | None = None, resume: bool = False,
-                  memory_budget: str | int | None = None, dist: Any = None, **params: Any) -> Purifier:
-    """The one way to build a purifier: method ``params`` (checked against its ``PARAMS``) plus the common
-    settings it takes (its ``COMMON``: device, seed, progress, preset) and, when it checkpoints, a checkpoint
-    folder. ``resume`` for a purifier that does not checkpoint is a :class:`UserError`; so are a
-    ``memory_budget`` and a several-process ``dist`` (:mod:`unpoison.distributed`) for one that does not stream."""
+def make_purifier(name: str, params: Mapping[str, Any] | None = None, *, device: str | torch.device = "auto",
+                  seed: int = 0, progress: bool = True, preset: str | None = None,
+                  checkpoint_dir: str | Path | None = None, resume: bool | None = False,
+                  memory_budget: str | int | None = None, dist: Any = None, **more: Any) -> Purifier:
+    """The one way to build a purifier (the CLI, the pipeline, detection, a benchmark cell and its check).
+
+    Method parameters (``params`` and/or keywords; a ``preset`` among them wins over the ``preset`` argument) are
+    checked against its ``PARAMS``; the common settings it takes (its ``COMMON``: device, seed, progress, preset)
+    are passed. Its :class:`~unpoison.tags.Tags` decide the rest: ``checkpoint_dir`` is used only by a purifier
+    that checkpoints, ``resume=None`` means "resume when it checkpoints" while ``resume=True`` for one that does
+    not is a :class:`UserError`; so are a ``memory_budget`` and a several-process ``dist``
+    (:mod:`unpoison.distributed`) for one that does not stream."""
     cls = DEFENSES.get(name)
+    tags = cls.tags
+    params = {**(params or {}), **more}
     preset = params.pop("preset", None) or preset
     params = check_params(params, cls.PARAMS, f"defense {name!r}")
     common = {"device": device, "seed": seed, "progress": progress, "preset": preset}
@@ -150,14 +158,14 @@ def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int =
     kw.update({k: v for k, v in common.items() if k in cls.COMMON and v is not None})
     if preset is not None and "preset" not in cls.COMMON:
         raise UserError(f"defense {name!r} has no presets")
-    if cls.supports_checkpoint and checkpoint_dir is not None:
-        kw.update(checkpoint_dir=str(checkpoint_dir), resume=bool(resume))
+    if tags.checkpoint and checkpoint_dir is not None:
+        kw.update(checkpoint_dir=str(checkpoint_dir), resume=True if resume is None else bool(resume))
     elif resume:
         raise UserError(f"defense {name!r} has nothing to resume (it does not checkpoint)")
-    if cls.supports_streaming:
+    if tags.streaming:
         kw.update(memory_budget=memory_budget, **({"dist": dist} if dist is not None else {}))
     elif memory_budget is not None:
-        can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).supports_streaming)
+        can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).tags.streaming)
         raise UserError(f"defense {name!r} holds the split in memory; a memory budget applies to {can}")
     elif dist is not None and getattr(dist, "active", False):
         raise UserError(f"defense {name!r} runs in one process; drop --nproc (or torchrun)")
@@ -165,6 +173,14 @@ def make_purifier(name: str, *, device: str | torch.device = "auto", seed: int =
         return cls(**kw)
     except TypeError as e:
         raise UserError(f"bad parameters for defense {name!r}: {e}") from None
+
+
+def require_packages(name: str) -> None:
+    """Raise :class:`UserError` naming the pip extra when an optional package defense ``name`` requires
+    (its ``tags.requires``) is not installed."""
+    for module, extra in DEFENSES.get(name).tags.requires:
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"defense {name!r} needs the {module!r} package: pip install 'unpoison[{extra}]'")
 
 
 def make_train_defense(name: str, **params: Any) -> TrainDefense:

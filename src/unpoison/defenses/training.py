@@ -28,6 +28,7 @@ from torch import nn
 from ..accel import Accel
 from ..errors import UserError
 from ..params import Param, check_params
+from ..tags import Tags
 from ..utils import parse_fraction
 from .base import TRAIN_DEFENSES
 
@@ -73,6 +74,8 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
 @TRAIN_DEFENSES.register("at", help="PGD adversarial training (eps 8/255, 10 steps of 1.6/255, random start)")
 class AdversarialTraining:
     """Madry PGD adversarial training: the batch is replaced by its PGD adversarial examples."""
+
+    tags: ClassVar[Tags] = Tags(labels=True)
 
     PARAMS: ClassVar[dict[str, Param]] = {
         "eps": Param(str, "8/255", "PGD radius (l_inf, pixels in [0, 1])"),
@@ -139,6 +142,8 @@ class UEraser:
     augmentation, UEraser's later phase). Neither set: never switches. The step counter lives in the
     callable, so use one instance per training run.
     """
+
+    tags: ClassVar[Tags] = Tags(labels=True, schedule=True)
 
     PARAMS: ClassVar[dict[str, Param]] = {
         "repeats": Param(int, 5, "augmented copies per sample while in the max phase (K)", low=1),

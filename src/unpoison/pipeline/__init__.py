@@ -9,7 +9,7 @@ images.
 
 from .measure import measure_against_clean
 from .poison import poison_dataset, write_poison_outputs
-from .purify import PurifyResult, build_purifier, purify_dataset, purify_in_processes
+from .purify import PurifyResult, purify_dataset, purify_in_processes
 
-__all__ = ["purify_dataset", "poison_dataset", "PurifyResult", "build_purifier", "purify_in_processes",
+__all__ = ["purify_dataset", "poison_dataset", "PurifyResult", "purify_in_processes",
            "measure_against_clean", "write_poison_outputs"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import distributed
 from ..data import ImageDataset, load_dataset, save_dataset, spec_path
-from ..defenses import DEFENSES
+from ..defenses import DEFENSES, make_purifier
 from ..errors import UserError, printable
 from ..outputs import check_dataset_output, guard_inputs, report_dir
 from ..utils import Timer, manifest, move_file_atomic, save_npy_atomic, write_json, write_text_atomic
@@ -58,8 +58,8 @@ def check_job(job: PurifyJob, output: bool = True) -> None:
     """What can be refused before any process starts or any data is read (``output``: OUT too; the ranks of
     a job leave that to rank 0, which also undoes a dead writer's leftovers)."""
     cls = DEFENSES.get(job.method)
-    if job.memory_budget is not None and not cls.supports_streaming:
-        can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).supports_streaming)
+    if job.memory_budget is not None and not cls.tags.streaming:
+        can = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).tags.streaming)
         raise UserError(f"--method {job.method} holds the split in memory; --memory-budget applies to {can}")
     if not 1 <= job.dist_timeout <= 7 * 86400:
         raise UserError(f"--dist-timeout must be in [1, 604800] seconds, got {job.dist_timeout}")
@@ -74,7 +74,7 @@ def check_job(job: PurifyJob, output: bool = True) -> None:
 
 def launch_purify_job(job: PurifyJob, nproc: int) -> int:
     """Run ``job`` as ``nproc`` ranks on this machine (exit code: 0, or 2 after one line naming the rank)."""
-    if not DEFENSES.get(job.method).supports_streaming:
+    if not DEFENSES.get(job.method).tags.streaming:
         raise UserError(f"--method {job.method} runs in one process; drop --nproc")
     check_job(job)  # refused before any process starts
     fd, name = tempfile.mkstemp(prefix="unpoison-job-", suffix=".json")
@@ -123,19 +123,16 @@ def _run(job: PurifyJob, ctx: distributed.DistContext, device: Any) -> PurifyRes
     say = _say(ctx)
     _check_output_once(ctx, job)
     cls = DEFENSES.get(job.method)
-    if not cls.supports_streaming and ctx.active:
+    if not cls.tags.streaming and ctx.active:
         raise UserError(f"--method {job.method} runs in one process; drop --nproc (or torchrun)")
     with timer("load"):
         ds = load_dataset(job.input, mmap=True)  # an npy folder stays on disk; other formats load whole
     _check_output_once(ctx, job, ds)
     ref = _load_reference(job, ds, timer) if job.reference else None
     rdir = report_dir(job.output)
-    pur_kw = dict(method=job.method, params=job.params, preset=job.preset, device=device, seed=job.seed,
-                  progress=not job.quiet and ctx.main, checkpoint_dir=rdir / "checkpoints", resume=job.resume,
-                  memory_budget=job.memory_budget, dist=ctx)
-    from .purify import build_purifier
-
-    purifier = build_purifier(**pur_kw)
+    purifier = make_purifier(job.method, job.params, preset=job.preset, device=device, seed=job.seed,
+                             progress=not job.quiet and ctx.main, checkpoint_dir=rdir / "checkpoints",
+                             resume=job.resume, memory_budget=job.memory_budget, dist=ctx)
     if job.reference_test:
         _check_reference_test(job, purifier)
     if ref is not None:
@@ -175,7 +172,7 @@ def _load_reference(job: PurifyJob, ds: ImageDataset, timer: Timer) -> ImageData
 def _check_reference_test(job: PurifyJob, purifier: Any) -> None:
     """Table 1 adds stage 1's p_hat to the clean images: refuse a purifier without one before it trains."""
     cfg = getattr(purifier, "config", None)
-    if not hasattr(purifier, "estimate_perturbation") or getattr(cfg, "skip_stage1", False):
+    if purifier.tags.p_hat != "infer" or getattr(cfg, "skip_stage1", False):
         extra = " with --skip-stage1 true" if getattr(cfg, "skip_stage1", False) else ""
         raise UserError(f"--reference-test needs a stage-1 p_hat; --method {job.method}{extra} has none "
                         f"(use dvae with its stage 1, or drop --reference-test)")

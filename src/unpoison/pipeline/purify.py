@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..data import ImageDataset
-from ..defenses import DEFENSES, Purifier, make_purifier
+from ..defenses import Purifier, make_purifier
 from ..utils import Timer, psnr
 from .measure import measure_against_clean
 
@@ -64,21 +64,6 @@ class PurifyResult:
             self.purifier.close()
 
 
-def build_purifier(method: str, params: dict[str, Any] | None = None, *, preset: str | None = None,
-                   device: Any = "auto", seed: int = 0, progress: bool = True, checkpoint_dir: str | Path | None = None,
-                   resume: bool = False, memory_budget: str | int | None = None, dist: Any = None) -> Purifier:
-    """:func:`~unpoison.defenses.make_purifier` with a checkpoint folder only for purifiers that keep one and
-    the streaming settings only for those that stream."""
-    cls = DEFENSES.get(method)
-    streams = cls.supports_streaming
-    params = dict(params or {})
-    preset = params.pop("preset", None) or preset
-    return make_purifier(method, device=device, seed=seed, progress=progress, preset=preset,
-                         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir and cls.supports_checkpoint else None,
-                         resume=resume, memory_budget=memory_budget if streams else None,
-                         dist=dist if streams else None, **params)
-
-
 def purify_dataset(ds: ImageDataset, method: str = "dvae", params: dict[str, Any] | None = None, *,
                    purifier: Purifier | None = None, preset: str | None = None, device: Any = "auto", seed: int = 0,
                    progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
@@ -93,10 +78,10 @@ def purify_dataset(ds: ImageDataset, method: str = "dvae", params: dict[str, Any
     gets the lines worth showing (the resident-or-streamed plan). Several processes: ``dist`` (every rank
     calls this; rank 0's result is the one to write)."""
     timer = timer or Timer()
-    pur = purifier or build_purifier(method, params, preset=preset, device=device, seed=seed, progress=progress,
-                                     checkpoint_dir=checkpoint_dir, resume=resume, memory_budget=memory_budget,
-                                     dist=dist)
-    if say is not _quiet and pur.supports_streaming and hasattr(pur, "plan"):
+    pur = purifier or make_purifier(method, params, preset=preset, device=device, seed=seed, progress=progress,
+                                    checkpoint_dir=checkpoint_dir, resume=resume, memory_budget=memory_budget,
+                                    dist=dist)
+    if say is not _quiet and pur.tags.streaming:
         ctx = getattr(pur, "dist", None)
         say(f"{pur.plan(ds.x_train)['line']}" + (f"; {ctx.world} processes ({ctx.backend})" if ctx and ctx.active
                                                 else ""))

@@ -32,6 +32,7 @@ from ...distributed import SINGLE, DistContext
 from ...errors import UserError
 from ...presets import show_value
 from ...stream import BatchSource, fits, make_source, memory_budget, plan_line, shard_ranges
+from ...tags import Tags
 from ...tensors import pick_device, rng_scope
 from ...utils import psnr_from_mse
 from ..base import Purifier
@@ -53,9 +54,7 @@ class AutoencoderPurifier(Purifier):
     choice between the resident and the streamed path (``memory_budget``; ``stream`` forces it)."""
 
     COMMON = frozenset({"device", "seed", "progress", "preset"})
-    learns = True
-    supports_checkpoint = True
-    supports_streaming = True
+    tags = Tags(learns=True, checkpoint=True, streaming=True)
     #: copies of the uint8 split the resident path holds at its peak (transform: x0..x3 on the device, two
     #: stage arrays, float16 p_hat (two copies' worth) and the output on the host); measured in
     #: docs/results/stream_scale.md. A split streams when this many copies exceed the memory budget.

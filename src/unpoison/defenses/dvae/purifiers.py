@@ -9,6 +9,7 @@ pixel units (``x0 + p_hat`` is directly comparable with uint8 images).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -79,7 +80,7 @@ class TabledDVAE(DVAE):
 class DVAEPurifier(AutoencoderPurifier):
     """Two-stage D-VAE purification (Algorithm 1). ``preset`` = paper | imagenet | cpu."""
 
-    needs_labels = True
+    tags = dataclasses.replace(AutoencoderPurifier.tags, labels=True, p_hat="infer")
     PARAMS = method_params("dvae")
     SMOKE = {"preset": "cpu", "epochs": 1, "width": 4, "width1": 4, "latent": 4}
 
