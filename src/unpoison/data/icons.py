@@ -64,6 +64,7 @@ BACKGROUND = (128, 128, 128)
 NEAR_RMS = 10.0
 MAX_SIDE = 1024
 MAX_FILE_BYTES = 8 << 20
+MAX_IMAGES = 100_000
 NAME = "icons"
 FILE_NAME = "icons.npz"
 
@@ -128,7 +129,11 @@ def scan(roots: Iterable[str | Path]) -> tuple[list[Entry], Counter[str]]:
                 if label is None:
                     skipped["other folder"] += 1
                     continue
-                if p.stat().st_size > MAX_FILE_BYTES:
+                try:
+                    nbytes = p.stat().st_size
+                except OSError as e:
+                    raise UserError(f"cannot read ({e.strerror or e})", p) from None
+                if nbytes > MAX_FILE_BYTES:
                     skipped["file too large"] += 1
                     continue
                 w, h = _header(p)
@@ -193,9 +198,10 @@ def _group_key(e: Entry) -> str:
     return f"{e.label}/{e.stem.lower()}"
 
 
-def _near_pairs(imgs: np.ndarray, near: float, chunk: int = 512) -> list[tuple[int, int]]:
+def _near_pairs(imgs: np.ndarray, near: float) -> list[tuple[int, int]]:
     """Pairs ``i < j`` whose RMS difference per value (0-255 scale) is below ``near``."""
     flat = imgs.reshape(len(imgs), -1).astype(np.float32)
+    chunk = max(1, min(512, (1 << 26) // max(len(flat), 1)))  # a block of distances stays under 256 MiB
     sq = (flat * flat).sum(1)
     limit = near * near * flat.shape[1]
     pairs: list[tuple[int, int]] = []
@@ -294,6 +300,9 @@ def convert(roots: Iterable[str | Path], seed: int = 0, test_fraction: float = 1
     chosen = select_variants(entries)
     if not chosen:
         raise UserError(f"no PNG icons in class folders ({', '.join(CLASSES)}) found", ", ".join(map(str, roots)))
+    if len(chosen) > MAX_IMAGES:  # the near-copy search is quadratic; the real set has about 11,000
+        raise UserError(f"{len(chosen)} icons found, more than the {MAX_IMAGES} this converter takes",
+                        ", ".join(map(str, roots)))
     imgs = np.empty((len(chosen), SIZE, SIZE, 3), dtype=np.uint8)
     for i, e in enumerate(tqdm(chosen, desc="icons: converting", disable=not progress or len(chosen) < 500)):
         imgs[i] = to_rgb32(e.path)
