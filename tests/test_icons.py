@@ -197,3 +197,26 @@ def test_fetch_without_apt_says_how(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(UserError, match="make rgb-data"):
         icons.fetch(tmp_path / "src")
     assert not (tmp_path / "src").exists()
+
+
+def test_merge_near_rules() -> None:
+    """Same family: near variants (RMS < 10) join; across families only copies (RMS < 4); across classes drop."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(40, 200, (32, 32, 3)).astype(np.int16)
+    far = rng.integers(40, 200, (32, 32, 3)).astype(np.uint8)
+
+    def shifted(rms: float) -> np.ndarray:  # a uniform shift of ``rms`` gives exactly that RMS difference
+        return (base + int(rms)).astype(np.uint8)
+
+    imgs = np.stack([base.astype(np.uint8), shifted(6), shifted(2), far])
+    assert icons._rms(imgs[0], imgs[1]) == 6.0 and icons._rms(imgs[0], imgs[2]) == 2.0
+    y = np.zeros(4, dtype=np.int64)
+    g, keep = icons.merge_near(imgs, y, ["a/apps/x", "a/apps/y", "b/apps/z", "a/apps/w"])
+    assert g[0] == g[1] == g[2] and g[3] != g[0] and keep.all()  # same family at 6; other family at 2
+    g, keep = icons.merge_near(imgs[:2], y[:2], ["a/apps/x", "b/apps/y"])
+    assert g[0] != g[1] and keep.all()  # other family at 6: independent drawings, not merged
+    g, keep = icons.merge_near(imgs[[0, 2]], np.array([0, 1]), ["a/apps/x", "a/places/y"])
+    assert not keep.any()  # one drawing in two classes: ambiguous, both dropped
+    g, keep = icons.merge_near(imgs[:2], np.array([0, 1]), ["a/apps/x", "a/places/y"])
+    assert keep.all() and g[0] != g[1]
+    assert icons.family("mate") == icons.family("gnome") == icons.family("Tango") != icons.family("oxygen")

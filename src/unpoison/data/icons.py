@@ -62,6 +62,10 @@ MAX_VARIANTS = 3
 BACKGROUND = (128, 128, 128)
 #: RMS difference (0-255) below which two images count as near-copies (same split, see ``merge_near``)
 NEAR_RMS = 10.0
+#: RMS below which two images count as one drawing copied (across theme families, or across classes)
+COPY_RMS = 4.0
+#: themes that share drawings: Tango's are the base of GNOME 2/3's, MATE forked GNOME 2, Menta recolours MATE
+THEME_FAMILIES = {"Tango": "tango", "gnome": "tango", "mate": "tango", "menta": "tango"}
 MAX_SIDE = 1024
 MAX_FILE_BYTES = 8 << 20
 MAX_IMAGES = 100_000
@@ -194,8 +198,13 @@ def image_hash(img: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest()
 
 
+def family(theme: str) -> str:
+    """The artists' lineage of a theme: forks and copies of one drawing set share one family."""
+    return THEME_FAMILIES.get(theme, theme)
+
+
 def _group_key(e: Entry) -> str:
-    return f"{e.label}/{e.stem.lower()}"
+    return f"{family(e.theme)}/{e.label}/{e.stem.lower()}"
 
 
 def _near_pairs(imgs: np.ndarray, near: float) -> list[tuple[int, int]]:
@@ -214,12 +223,13 @@ def _near_pairs(imgs: np.ndarray, near: float) -> list[tuple[int, int]]:
 
 
 def merge_near(imgs: np.ndarray, labels: np.ndarray, groups: Sequence[str],
-               near: float = NEAR_RMS) -> tuple[list[str], np.ndarray]:
-    """Groups joined through near-copies, and a keep mask.
+               near: float = NEAR_RMS, copy: float = COPY_RMS) -> tuple[list[str], np.ndarray]:
+    """Groups joined through near-copies, and a keep mask. A group key starts with its family (``fam/...``).
 
-    Two images of one class closer than ``near`` (RMS, 0-255) put their groups together (a recoloured
-    or relabelled variant must not sit across the split); two of different classes closer than a third
-    of it are ambiguous and both dropped.
+    Two images of one class and family closer than ``near`` (RMS, 0-255) put their groups together (a
+    recoloured or relabelled variant of one drawing must not sit across the split); across families,
+    where similar looks are usually independent drawings, only closer than ``copy`` (copied art). Two
+    images of different classes closer than ``copy`` are ambiguous and both dropped.
     """
     parent = {g: g for g in groups}
 
@@ -231,10 +241,11 @@ def merge_near(imgs: np.ndarray, labels: np.ndarray, groups: Sequence[str],
 
     keep = np.ones(len(labels), dtype=bool)
     for i, j in _near_pairs(imgs, near):
-        if labels[i] == labels[j]:
+        same_family = groups[i].split("/", 1)[0] == groups[j].split("/", 1)[0]
+        if labels[i] == labels[j] and (same_family or _rms(imgs[i], imgs[j]) < copy):
             a, b = sorted((root(groups[i]), root(groups[j])))
             parent[b] = a
-        elif _rms(imgs[i], imgs[j]) < near / 3:
+        elif labels[i] != labels[j] and _rms(imgs[i], imgs[j]) < copy:
             keep[[i, j]] = False
     return [root(g) for g in groups], keep
 
@@ -285,7 +296,7 @@ def _cap(labels: np.ndarray, groups: Sequence[str], cap: int, seed: int) -> np.n
     return keep
 
 
-def convert(roots: Iterable[str | Path], seed: int = 0, test_fraction: float = 1 / 6, cap: int | None = 1500,
+def convert(roots: Iterable[str | Path], seed: int = 0, test_fraction: float = 1 / 6, cap: int | None = 1200,
             progress: bool = True) -> tuple[ImageDataset, dict[str, object]]:
     """The ``icons`` dataset from extracted theme trees: (ImageDataset, manifest of what was done)."""
     from tqdm.auto import tqdm
