@@ -68,6 +68,10 @@ def test_convert_tiny_tree(tmp_path: Path) -> None:
     train_items = {Path(f).stem for f in man["files"]["train"]}
     test_items = {Path(f).stem for f in man["files"]["test"]}
     assert train_items and test_items and not train_items & test_items
+    # the manifest names the source of every row, in row order
+    for split, x in (("train", ds.x_train), ("test", ds.x_test)):
+        for i in (0, len(x) - 1):
+            np.testing.assert_array_equal(x[i], icons.to_rgb32(tmp_path / man["files"][split][i]))
     # the per-class counts in the manifest are those of the arrays
     assert man["counts"]["apps"]["train"] == int((ds.y_train == icons.CLASSES.index("apps")).sum())
 

@@ -351,10 +351,12 @@ def convert(roots: Iterable[str | Path], seed: int = 0, test_fraction: float = 1
     themes = Counter(e.theme for e in chosen)
     manifest = {"dataset": NAME, "seed": seed, "test_fraction": test_fraction, "cap": cap, "size": SIZE,
                 "background": list(BACKGROUND), "resample": "lanczos", "min_source_px": MIN_SOURCE,
-                "max_variants": MAX_VARIANTS, "near_rms": NEAR_RMS, "classes": list(CLASSES),
+                "max_variants": MAX_VARIANTS, "near_rms": NEAR_RMS, "copy_rms": COPY_RMS,
+                "theme_families": THEME_FAMILIES, "classes": list(CLASSES),
                 "class_folders": {k: list(v) for k, v in CLASS_FOLDERS.items()}, "counts": counts,
                 "themes": dict(sorted(themes.items())), "groups": len(set(groups)),
                 "skipped": dict(sorted(skipped.items())),
+                # the source of every row, in row order (x_train[i] came from files["train"][i])
                 "files": {"train": [_rel(e.path, roots) for e, t in zip(chosen, test) if not t],
                           "test": [_rel(e.path, roots) for e, t in zip(chosen, test) if t]}}
     return ds, manifest
