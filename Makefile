@@ -7,7 +7,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && echo sudo))
 CAN_APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; } && echo yes)
 
-.PHONY: demo test lint bench-smoke data venv clean
+.PHONY: demo test lint bench-smoke data rgb-data venv clean
 
 demo: $(STAMP) data
 	$(BIN)/unpoison demo --out demo-out --overwrite
@@ -39,6 +39,15 @@ data:
 	  echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist', or put the four"; \
 	  echo "IDX files in a folder and set UNPOISON_DATA to its parent (UNPOISON_DATA/fashion-mnist/)."; exit 1; \
 	fi
+
+# The RGB benchmark set `icons` (docs/datasets.md): eight Debian icon-theme packages, fetched with
+# `apt-get download` (no install) into ~/.cache/unpoison/icons-src and converted to
+# ~/.cache/unpoison/icons/icons.npz (or $UNPOISON_DATA/icons/). Does nothing when the file exists.
+# Never needed by the tests. Where the packages cannot be fetched it says so in one line (exit 2).
+rgb-data: $(STAMP)
+	@if [ "$(CAN_APT)" = yes ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq; fi; \
+	$(BIN)/python -m unpoison.data.fetch icons build
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -27,6 +27,7 @@ from . import formats  # noqa: F401  (registers the formats)
 from ._format import FORMATS, DatasetFormat
 from .dataset import ImageDataset
 from .fingerprint import content_fingerprint, dataset_fingerprint
+from .icons import load as _load_icons
 from .synthetic import make_synthetic
 
 __all__ = ["ImageDataset", "load_dataset", "save_dataset", "FORMATS", "DATASETS", "DatasetFormat",
@@ -85,6 +86,8 @@ for _name, _fmt, _subs, _label in (("cifar10", "cifar10", ("cifar-10-batches-py"
                                    ("svhn", "svhn", ("svhn",), "SVHN")):
     DATASETS.register(_name, f"{_label} in $UNPOISON_DATA/{_subs[0]} (or {_fmt}:PATH)")(
         _named_folder(_fmt, _subs, _label))
+DATASETS.register("icons", "RGB icons from Debian icon themes, 6 classes, 32x32 ('make rgb-data'; icons:PATH)")(
+    _load_icons)
 _ALIASES = {"fashion-mnist": "fmnist", "fashionmnist": "fmnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
 
 
