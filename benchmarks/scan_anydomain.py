@@ -9,6 +9,7 @@ Poisoned sets are cached under ``--cache`` (keyed by domain, size, seed, attack,
 
     python benchmarks/scan_anydomain.py OUT.jsonl --domains fmnist,fmnist-rgb32 --sizes 1000,5000 \
         --seeds 0,1 --attacks lsp,ops,ar --ratios 0.1,0.5,1.0 --n-attack 2000
+    python benchmarks/scan_anydomain.py OUT.jsonl --table > verdicts.md     # the markdown tables
 """
 
 from __future__ import annotations
@@ -94,6 +95,40 @@ def poisoned(x: np.ndarray, y: np.ndarray, attack: str, ratio: float, seed: int,
     return res.x, res.indices
 
 
+def _dom(d: str) -> str:
+    return Path(d[4:]).stem if d.startswith("npz:") else d
+
+
+def table(rows: list[dict]) -> str:
+    """Clean cells, then poisoned ones: verdict, score (>= 1: poisoned), each signal's effect against its content
+    reference (z beyond the margin), the Fashion-MNIST null's z where it applies, per-sample P/R/F1."""
+    sig = ["nb", "linear", "pattern"]
+    head = ("| domain | geometry | attack | ratio | n | seed | verdict | score | "
+            + " | ".join(f"{s}: data / ref, effect (z)" for s in sig) + " | null z (used?) | fired | P / R / F1 | s |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    key = {"fmnist": 0, "fmnist-rgb32": 1, "digits-rgb32": 2}
+    rows = sorted(rows, key=lambda r: (r["attack"] != "none", key.get(r["domain"], 3), r["attack"],
+                                       r["ratio"] or 0, r["n"], r["seed"]))
+    for r in rows:
+        e = r["evidence"]
+        cells = []
+        for s in sig:
+            v = e.get(s, {})
+            eff = f"{v['self_effect']:+.2f}" if s == "pattern" else f"{v['self_effect']:+.1f}"
+            cells.append(f"{v['stat']:.3g} / {v['self_ref']:.3g}, {eff} ({v['self_z']:+.1f})")
+        nz = [f"{s} {e[s]['null_z']:+.1f}" for s in sig if "null_z" in e.get(s, {})]
+        used = r.get("verdict_info", {}).get("null_used")
+        fired = ", ".join(r.get("verdict_info", {}).get("fired", [])) or "-"
+        prf = (f"{r['precision']:.3f} / {r['recall']:.3f} / {r['f1']:.3f}" if "f1" in r and r["poisoned"] else
+               ("nothing flagged" if "f1" in r else ""))
+        verdict = "**POISONED**" if r["poisoned"] else "clean"
+        out.append(f"| {_dom(r['domain'])} | {r['geometry']} | {r['attack']} | {r['ratio'] if r['ratio'] else '-'} | "
+                   f"{r['n']} | {r['seed']} | {verdict} | {r['score']:.2f} | " + " | ".join(cells)
+                   + f" | {', '.join(nz) if nz else '-'}{' (used)' if used else (' (not used)' if nz else '')} | "
+                   f"{fired} | {prf} | {r['seconds']:.0f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -108,7 +143,11 @@ def main() -> None:
     ap.add_argument("--cache", default="runs/scan-anydomain/cache")
     ap.add_argument("--craft-only", action="store_true")
     ap.add_argument("--no-clean", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print OUT.jsonl's rows as markdown tables and stop")
     a = ap.parse_args()
+    if a.table:
+        print(table([json.loads(line) for line in Path(a.out).read_text().splitlines() if line.strip()]))
+        return
     from unpoison.scan import scan
 
     cache = Path(a.cache)

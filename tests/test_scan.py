@@ -278,3 +278,24 @@ def test_dvae_p_refit_auto_follows_the_scan() -> None:
     assert info["applied"] == "median" and refit and info["scan"]["poisoned"] is True
     info, refit = fit(x[::15], y[::15])  # 40 images: too few to scan: the refit stays on, the reason given
     assert info["applied"] == "median" and "20 per class" in info["scan"]["skipped"]
+
+
+def test_one_pixel_poison_on_half_of_each_class_is_found_exactly() -> None:
+    """A one-pixel shortcut (OPS-like: per class an exact colour at one place) on half of each class: the
+    per-sample flags are the images that carry it; a class pattern on a flat background is not taken for one."""
+    from unpoison.scan import shared_values
+
+    x, y = _hard(90, 3)
+    truth = np.zeros(len(y), dtype=bool)
+    truth[np.random.default_rng(1).permutation(len(y))[: len(y) // 2]] = True
+    xp = x.copy()
+    for c in range(4):
+        m = truth & (y == c)
+        xp[m, 2 + 3 * c, 5 + 2 * c] = [255, 0, 255][: 3] if c % 2 else [0, 255, 0]
+    flags, info = shared_values(xp, y)
+    assert info["all_enriched"] and _f1(flags, truth) >= 0.99
+    flags, info = shared_values(x, y)
+    assert not info["all_enriched"]
+    g, yg = _clean(91)  # exact-zero background: a class pattern there repeats exact values at many places
+    gp, _ = _poison(g, yg, _classwise(yg), 1.0)
+    assert not shared_values(gp, yg)[1]["all_enriched"]

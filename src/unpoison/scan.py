@@ -84,9 +84,14 @@ REF_LEVELS = 8
 MARGINS = {"nb": 10.0, "linear": 5.0, "cnn": 8.0, "pattern": math.log(2.5)}
 #: share of the per-sample pattern projection's variance two groups per class must explain to be the flags
 BIMODAL = 0.8
-#: how much more often (than in the other classes) a class's exact colour at one place must occur in every
-#: class for :func:`shared_values` to give the flags
+#: how much more often (than in the other classes) a class's exact colour at one place must occur, in the
+#: median class (ENRICH) and in every class (ENRICH_MIN), for :func:`shared_values` to give the flags (a
+#: one-pixel poison in a bright part of the image is rarer elsewhere by only 20-160x on Fashion-MNIST)
 ENRICH = 200.0
+ENRICH_MIN = 10.0
+#: at most this many places (median class) within half the best one's enrichment and share: a one-pixel (or
+#: few-pixel) poison, not a class pattern written onto a flat background (LSP on Fashion-MNIST's black)
+MAX_PLACES = 3
 #: floor under the pattern effect's resampled spread (log ratio)
 PATTERN_LOG_SD = 0.05
 #: floor under an accuracy effect's spread (points)
@@ -440,7 +445,8 @@ def shared_values(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict[str, A
     """Per class, the pixel and exact colour most over-represented in that class against the others (a
     one-pixel or exact-patch poison writes the same colour at the same place into every image it poisons);
     returns the images that carry their class's colour there, and per class the share and enrichment. Used
-    for flags only where every class has a colour :data:`ENRICH` times more frequent than in the others."""
+    for flags only where the median class has a colour :data:`ENRICH` times more frequent than in the
+    others and every class one :data:`ENRICH_MIN` times."""
     n = len(x)
     h, w, c = x.shape[1:]
     code = np.zeros((n, h * w), dtype=np.int64)
@@ -463,9 +469,15 @@ def shared_values(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict[str, A
         pix = int(v[j] >> 24)
         hit = code[m, pix] == v[j]
         flags[m] = hit
-        info["classes"][int(cl)] = {"pixel": pix, "share": float(share[j]), "enrichment": float(enrich[j])}
-        ok = ok and bool(enrich[j] >= ENRICH)
-    info["all_enriched"] = ok
+        # a one-pixel poison: nothing else comes close; a pattern on a flat background: many places do
+        near = (enrich >= enrich[j] / 2) & (share >= share[j] / 2)
+        places = len(np.unique(v[near] >> 24))
+        info["classes"][int(cl)] = {"pixel": pix, "share": float(share[j]), "enrichment": float(enrich[j]),
+                                    "places": places}
+        ok = ok and bool(enrich[j] >= ENRICH_MIN)
+    med = float(np.median([v["enrichment"] for v in info["classes"].values()]))
+    places = float(np.median([v["places"] for v in info["classes"].values()]))
+    info["all_enriched"] = ok and med >= ENRICH and places <= MAX_PLACES
     return flags, info
 
 
@@ -473,7 +485,7 @@ def split_flags(x: np.ndarray, y: np.ndarray, score: np.ndarray, folds: tuple[np
                 alpha: float, agree_min: float,
                 pattern: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
     """The flags of a set judged poisoned. An exact class-wise colour on part of each class (one pixel) makes
-    the images carrying it (:func:`shared_values`) the flags when every class has one. A class-wise pattern
+    the images carrying it (:func:`shared_values`) the flags when the classes have one. A class-wise pattern
     on part of each class makes the per-sample ``pattern`` projection two clear groups per class: when the
     cuts of :func:`two_groups` explain at least :data:`BIMODAL` of its variance, the upper groups are
     flagged. Otherwise the upper
