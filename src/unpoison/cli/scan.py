@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
           f"{', kind ' + res.kind if res.kind else ''}{'; fired: ' + ', '.join(fired) if fired else ''})")
     for s, e in res.evidence.items():
         line = (f"  {s:8s} {e['stat']:8.4g}  content reference {e['self_ref']:.4g}: effect {e['self_effect']:+.3g} "
-                f"(margin {e['self_margin']:.3g}, sd {e['self_sd']:.2g}, z {e['self_z']:+.1f})")
+                f"(margin {e['self_margin']:.3g}, sd {e['self_sd']:.2g}, z {e['self_z']:+.1f}"
+                f"{'' if 'self:' + s in res.info['verdict']['tests'] else '; evidence only'})")
         if "clean_ref" in e:
             line += f"; clean reference {e['clean_ref']:.4g}: z {e['clean_z']:+.1f}"
         if "null_z" in e:
