@@ -527,12 +527,12 @@ def content_reference(x: np.ndarray, levels: int = REF_LEVELS) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
-    h, w = t.shape[2:]
-    out = np.empty_like(x)
+    h, w = x.shape[1:3]
+    out = np.empty(x.shape, dtype=np.uint8)
     step = 255.0 / (levels - 1)
-    for i in range(0, len(t), 4096):
-        d = F.avg_pool2d(t[i:i + 4096], 2, ceil_mode=True)
+    for i in range(0, len(x), 4096):  # a copy per chunk: read-only / memory-mapped input is fine
+        t = torch.from_numpy(np.array(x[i:i + 4096], dtype=np.float32)).permute(0, 3, 1, 2)
+        d = F.avg_pool2d(t, 2, ceil_mode=True)
         u = F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False)
         u = torch.round(u / step) * step
         out[i:i + 4096] = u.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
