@@ -52,7 +52,7 @@ def save_image_grid(rows: dict[str, np.ndarray], path: str | Path, n: int = 8, s
 
 
 def save_scan_evidence(res: object, truth: np.ndarray | None, path: str | Path, title: str = "") -> Path:
-    """The scan's evidence as a PNG: each signal's z against the clean null (with the verdict's threshold), and
+    """The scan's evidence as a PNG: each signal's strongest test in units of its threshold (>= 1: fired), and
     the per-sample scores (split by ``truth`` when the poisoned indices are known, flagged ones marked)."""
     import matplotlib
 
@@ -67,7 +67,7 @@ def save_scan_evidence(res: object, truth: np.ndarray | None, path: str | Path, 
     a.bar(names, zs, color=["tab:red" if abs(z) >= thr else "tab:gray" for z in zs])
     for t in (thr, -thr):
         a.axhline(t, color="k", ls="--", lw=0.8)
-    a.set_ylabel("z vs clean null")
+    a.set_ylabel("test / its threshold")
     a.set_yscale("symlog", linthresh=max(thr, 1.0))
     verdict = "POISONED" if res.poisoned else "clean"  # type: ignore[attr-defined]
     a.set_title(f"{verdict}, score {res.score:.1f}", fontsize=10)  # type: ignore[attr-defined]

@@ -32,14 +32,15 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
     from ..defenses import DEFENSES
     from ..detect import METHODS
     from ..models import list_models
-    from ..scan import DEFAULT_SIGNALS, DEFAULT_THRESHOLD
+    from ..scan import DEFAULT_SELF_THRESHOLD, DEFAULT_SIGNALS
 
     p = sub.add_parser(name, help="flag poisoned training images (stage-1 p_hat rule)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="dataset spec (its training split is scored)")
     p.add_argument("output", help="CSV to write")
     p.add_argument("--method", default="signals", choices=METHODS, help="signals (the scan's; default) or dvae")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="signals: the scan's |z| threshold")
+    p.add_argument("--threshold", type=float, default=DEFAULT_SELF_THRESHOLD,
+                   help="signals: the scan's threshold (spreads beyond the margin; see unpoison scan)")
     p.add_argument("--signals", default=",".join(DEFAULT_SIGNALS), help="signals: which of the scan's signals")
     p.add_argument("--cnn-epochs", type=int, default=None, help="signals: small-CNN epochs per half")
     p.add_argument("--detector", default="dvae",

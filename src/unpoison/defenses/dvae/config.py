@@ -59,7 +59,7 @@ class DVAEConfig:
     detach_residual: bool = _f(True, "no gradient from Eq. 14's second term into x_hat", methods=("dvae",))
     p_refit: str = _f("none", "after each stage's training, replace the class-wise D_p(u_y) by the class mean or "
                       "median of x - x_hat(mu) on the training images (p_input=class; none = D_p as trained; "
-                      "auto = median unless the calibrated poison scan finds the set clean)",
+                      "auto = median unless the self-calibrated poison scan finds the set clean)",
                       choices=("none", "mean", "median", "auto"), methods=("dvae",))
     rate_rule: str = _f("fixed", "fixed: KLD limits as given; channels: limits x C / limit_channels (the same nats "
                         "per pixel value on images of any channel count)", choices=("fixed", "channels"),
