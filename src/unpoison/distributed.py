@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
 
 from .errors import UserError
 from .tensors import pick_device
@@ -213,9 +216,6 @@ def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_inter
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     if under_launcher():
         raise UserError("--nproc inside a torchrun job: start the command one way, not both")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     log_dir = Path(tempfile.mkdtemp(prefix="unpoison-ranks-"))
     redirects = ",".join(f"{r}:3" for r in range(1, nproc)) or "0"
     targs = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
@@ -242,7 +242,6 @@ def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_inter
             os.environ.pop(LAUNCHED_ENV, None)
         else:
             os.environ[LAUNCHED_ENV] = old_env
-        import shutil
 
         shutil.rmtree(log_dir, ignore_errors=True)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import platform
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 
+from . import __version__
+from .data.rows import RowReader, file_backing, save_rows
 from .errors import UserError, check_seed
 from .outputs import Policy, atomic_path  # noqa: F401  (the one atomic writer; re-exported for callers)
 from .tensors import pick_device  # noqa: F401  (re-exported; it lives below everything)
@@ -35,8 +41,6 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def versions() -> dict[str, str]:
-    from . import __version__
-
     out = {
         "unpoison": __version__,
         "python": sys.version.split()[0],
@@ -45,8 +49,6 @@ def versions() -> dict[str, str]:
         "platform": platform.platform(),
     }
     with contextlib.suppress(Exception):
-        import torchvision
-
         out["torchvision"] = torchvision.__version__
     if torch.cuda.is_available():
         out["cuda_device"] = torch.cuda.get_device_name(0)
@@ -81,8 +83,6 @@ def write_json(path: str | Path, obj: Any, policy: Policy = "internal") -> None:
 
 
 def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
-    from .data.rows import file_backing, save_rows
-
     with atomic_path(path) as tmp:
         if arr.ndim and file_backing(arr) is not None:  # a memmap: copied from its file in chunks
             save_rows(arr, tmp)
@@ -93,10 +93,6 @@ def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
 
 def move_file_atomic(src: str | Path, final: str | Path) -> None:
     """Put a file of our own at ``final`` by a rename into the atomic write (a copy across file systems)."""
-    import errno
-    import os
-    import shutil
-
     with atomic_path(final) as tmp:
         try:
             os.replace(src, tmp)
@@ -137,8 +133,6 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, chunk_bytes
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a.nbytes <= chunk_bytes:
         return psnr_from_mse(_sq_err(np.asarray(a) if not isinstance(a, torch.Tensor) else a,
                                      np.asarray(b) if not isinstance(b, torch.Tensor) else b).mean().item())
-    from .data.rows import RowReader  # data imports utils: below it only here
-
     step = max(1, chunk_bytes // max(1, int(a.nbytes // max(1, len(a)))))
     sse, count = 0.0, 0
     with RowReader(a) as ra, RowReader(b) as rb:

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .. import models
+from .. import rng as rng_module
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc
 from ..errors import NonFiniteError, UserError, check_seed
@@ -270,13 +272,9 @@ class Attack:
         the tensor and RNG helpers, and for a surrogate attack the classifiers' modules (every
         ``unpoison.models`` submodule but the purification auto-encoders', listed from the package itself so
         the key does not depend on what else happens to be imported)."""
-        import unpoison.rng
-
         mods = [k.__module__ for k in cls.__mro__ if k.__module__.startswith("unpoison.")]
-        mods += [rng_scope.__module__, unpoison.rng.__name__]
+        mods += [rng_scope.__module__, rng_module.__name__]
         if cls.uses_surrogate:
-            import unpoison.models as models
-
             mods += [f"{models.__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(models.__path__),
                                                                    key=lambda m: m.name)
                      if m.name not in _NOT_SURROGATE_MODULES]

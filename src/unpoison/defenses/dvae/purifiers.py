@@ -20,9 +20,10 @@ from torch import nn
 
 from ...errors import UserError
 from ...models.dvae import DVAE, BottleneckAE, RateConstrainedVAE, ae_loss, check_geometry, dvae_loss, vae_loss
+from ...scan import calibrated_for, scan
 from ...stream import BatchSource, ResidentSource, TensorSink, open_array, shard_ranges
 from ...tensors import to_device_images
-from ..base import DEFENSES
+from ..base import DEFENSES, as_labels, as_uint8_nhwc
 from .autoencoder import GRID_ROWS, AutoencoderPurifier, nhwc_rows
 from .config import method_params
 from .engine import InferFn, _infer, _infer_to, _nhwc, _to_u8
@@ -103,8 +104,6 @@ class DVAEPurifier(AutoencoderPurifier):
 
     def fit_stage1(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> DVAEPurifier:
         """Fit stage 1 only: detection needs stage 1's ``p_hat``, at half the cost of a full fit."""
-        from ..base import as_labels, as_uint8_nhwc
-
         xx = as_uint8_nhwc(x)
         self._fit(xx, as_labels(y, len(xx)), stage1_only=True)
         return self
@@ -157,8 +156,6 @@ class DVAEPurifier(AutoencoderPurifier):
             return self.p_refit_info_["applied"]
         info: dict[str, Any] | None = None
         if self.dist.main:
-            from ...scan import calibrated_for, scan
-
             why_not = calibrated_for(x.shape, len(np.unique(y)))
             if why_not:
                 info = {"applied": "median", "scan": {"skipped": why_not}}
@@ -242,8 +239,6 @@ class DVAEPurifier(AutoencoderPurifier):
     def estimate_perturbation(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
                               stage: str = "stage1") -> np.ndarray:
         """``p_hat(x)`` of a fitted stage's D-VAE (float16 NHWC, 0..255 units); detection reuses it."""
-        from ..base import as_labels, as_uint8_nhwc
-
         self._check_fitted()
         if stage not in self.models_:
             raise UserError(f"no fitted {stage} (fitted: {', '.join(self.models_)})")
