@@ -65,8 +65,9 @@ from unpoison.defenses.dvae import (
     train_autoencoder,
 )
 from unpoison.models import DVAE, dvae_loss
+from unpoison.tensors import pick_device
 from unpoison.train import TrainConfig, to_device_images, train_classifier
-from unpoison.utils import manifest, pick_device, write_json, write_text_atomic
+from unpoison.utils import manifest, write_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_OUT = ROOT / "docs" / "results" / "gpu"

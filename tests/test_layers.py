@@ -22,7 +22,7 @@ LAYERS = [
     "unpoison.pipeline",
     "unpoison.detect",
     "unpoison.attacks | unpoison.defenses",
-    "unpoison.disentangle | unpoison.evaluate | unpoison.scan | unpoison.distributed | unpoison.checkpoints",
+    "unpoison.disentangle | unpoison.scoring | unpoison.scan | unpoison.distributed | unpoison.checkpoints",
     "unpoison.train | unpoison.viz",
     "unpoison.stream | unpoison.utils",
     "unpoison.data | unpoison.models | unpoison.presets",

@@ -8,8 +8,9 @@ import torch
 
 from unpoison._registry import Registry
 from unpoison.errors import UserError
-from unpoison.outputs import write_marker
-from unpoison.utils import atomic_path, parse_fraction, pick_device, psnr, psnr_per_image
+from unpoison.outputs import atomic_path, write_marker
+from unpoison.tensors import pick_device
+from unpoison.utils import parse_fraction, psnr, psnr_per_image
 
 
 def test_registry_unknown_name_lists_known() -> None:

@@ -19,7 +19,7 @@ _LAZY = {
     "save_dataset": "unpoison.data",
     "create_model": "unpoison.models",
     "list_models": "unpoison.models",
-    "evaluate": "unpoison.evaluate",
+    "evaluate": "unpoison.scoring",
     "DVAEPurifier": "unpoison.defenses.dvae",
     "UserError": "unpoison.errors",
 }

@@ -26,12 +26,12 @@ from .data import ImageDataset
 from .defenses import DEFENSES, make_purifier
 from .defenses.base import as_labels, as_uint8_nhwc
 from .errors import UserError
-from .outputs import Policy
+from .outputs import Policy, atomic_path
 from .params import unknown
 from .scan import scan
 from .tensors import to_device_images
 from .train import TrainConfig, predict, train_classifier
-from .utils import Timer, atomic_path
+from .utils import Timer
 
 
 @dataclass

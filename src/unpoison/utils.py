@@ -22,8 +22,7 @@ import torchvision
 from . import __version__
 from .data.rows import RowReader, file_backing, save_rows
 from .errors import UserError, check_seed
-from .outputs import Policy, atomic_path  # noqa: F401  (the one atomic writer; re-exported for callers)
-from .tensors import pick_device  # noqa: F401  (re-exported; it lives below everything)
+from .outputs import Policy, atomic_path
 
 
 def seed_everything(seed: int) -> torch.Generator:

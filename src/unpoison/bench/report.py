@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_path, parse_fraction, write_text_atomic
+from ..outputs import atomic_path
+from ..utils import parse_fraction, write_text_atomic
 from .store import Store
 
 # --- the paper's CIFAR-10 numbers (ResNet-18, last-epoch clean test accuracy, %) --------------------------

@@ -42,8 +42,9 @@ from ..data import ImageDataset, load_dataset
 from ..data.fingerprint import dataset_fingerprint
 from ..disentangle import add_perturbation
 from ..errors import UserError
+from ..outputs import atomic_path
 from ..params import Param
-from ..utils import Timer, atomic_path, manifest, parse_fraction, psnr, write_json
+from ..utils import Timer, manifest, parse_fraction, psnr, write_json
 from .grid import Cell, attack_seed, import_plugins, short_hash
 from .report import (
     SectionFn,
@@ -469,7 +470,7 @@ def kind_partial(ctx: CellContext) -> dict[str, Any]:
             out["purifier_fit_on"] = int(len(fit_idx))
             with ctx.timer("purify"):
                 pur.fit(x_p[fit_idx], ds.y_train[fit_idx])
-                x_train[sel] = pur.transform(x_p[sel], ds.y_train[sel])
+                x_train[sel] = pur.purify(x_p[sel], ds.y_train[sel])
             out["defense_info"] = pur.info_
         out["n_purified"] = int(len(sel))
         out["psnr"] = psnr(x_p, x_train)

@@ -20,9 +20,9 @@ from ..attacks import ATTACKS
 from ..data import load_dataset, spec_path
 from ..defenses.dvae import DVAE_PRESETS
 from ..errors import UserError
-from ..evaluate import evaluate
 from ..outputs import atomic_path, check_output, policy_for, write_marker
 from ..pipeline import poison_dataset, purify_dataset
+from ..scoring import evaluate
 from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, psnr, to_json
 from ..viz import residual_image, save_image_grid

@@ -12,9 +12,9 @@ from pathlib import Path
 from ..data import check_file_output, load_dataset
 from ..defenses import TRAIN_DEFENSES, make_train_defense
 from ..errors import UserError
-from ..evaluate import evaluate
 from ..models import list_models
 from ..outputs import policy_for
+from ..scoring import evaluate
 from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, write_json
 from ._common import (

@@ -255,7 +255,7 @@ class DVAEPurifier(AutoencoderPurifier):
         self._check_fitted()
         yt = self._labels(y, fitting=False)
         t0 = time.perf_counter()
-        streamed = self._plan(x, "transform")
+        streamed = self._plan(x, "purify")
         files = streamed or self.dist.active
         keep = None if not files else GRID_ROWS  # rows of each stage kept in memory for the report's grid
         self.stages_, self.extras_, self.extra_files_ = {}, {}, {}
@@ -332,7 +332,7 @@ class _ReconstructionPurifier(AutoencoderPurifier):
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         self._check_fitted()
         t0 = time.perf_counter()
-        streamed = self._plan(x, "transform")
+        streamed = self._plan(x, "purify")
         x0 = self._source(x, streamed)
         try:
             res = self._pass(self.models_[self.name], x0, None, _x_hat, {"purified": _U8}, streamed or self.dist.active,
