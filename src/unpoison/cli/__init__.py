@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from importlib import import_module
 
@@ -33,8 +34,28 @@ COMMANDS = {
 }
 
 
+#: reStructuredText in docstrings and Param help: ``x``, :role:`x` / :role:`~a.b.x`, a closing ``::``
+_RST = re.compile(r"``((?s:.+?))``|:[a-z]+:`(~?)([^`]+)`|::(?=\s*$)", re.M)
+
+
+def plain(text: str) -> str:
+    """Help text for a terminal: the reStructuredText markup of the docstrings it comes from dropped."""
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) is not None:
+            return m.group(1)
+        if m.group(3) is not None:
+            return m.group(3).rsplit(".", 1)[-1] if m.group(2) else m.group(3)
+        return ":"
+
+    return _RST.sub(one, text)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (a :class:`UserError`), like every other bad input."""
+    """argparse with its errors as one line (a :class:`UserError`), like every other bad input, and its help
+    as plain text (every sub-command's parser is one of these)."""
+
+    def format_help(self) -> str:
+        return plain(super().format_help())
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments"):
