@@ -166,3 +166,15 @@ def test_public_names_are_not_shadowed_by_modules() -> None:
     from unpoison import evaluate
 
     assert callable(evaluate) and evaluate.__module__ == "unpoison.scoring"
+
+
+def test_what_the_code_cites_is_in_the_repository() -> None:
+    """Every ``docs/...`` path a module or benchmark names exists (the design facts: docs/design.md)."""
+    cited: set[str] = set()
+    for f in [*(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
+        text = f.read_text()
+        assert "PAPER.md" not in text, f"{f} cites PAPER.md, which is not in the repository (docs/design.md is)"
+        cited |= {m.rstrip(".") for m in re.findall(r"docs/[\w./-]*\w", text)}
+    assert "docs/design.md" in cited
+    missing = sorted(c for c in cited if not (ROOT / c).exists())
+    assert not missing, f"cited but missing: {missing}"

@@ -11,7 +11,7 @@ lets the subclass craft float perturbations for those images, rounds the result 
 
 Bounds are given in [0, 1] pixel units (``8/255``). ``eps=None`` is the paper's default bound. l2
 bounds are quoted at CIFAR size (d = 3072) and scaled by ``sqrt(d / 3072)`` for other sizes so the
-per-pixel energy matches (PAPER.md, "Datasets that are not CIFAR"): Fashion-MNIST's default 1.0
+per-pixel energy matches (docs/design.md, "Datasets that are not CIFAR"): Fashion-MNIST's default 1.0
 becomes ~0.505. ``scale_eps=False`` takes an l2 bound literally. ``info["eps"]`` is the enforced
 number; ``info["eps_nominal"]`` the one asked for.
 
