@@ -98,7 +98,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     base = tmp_path_factory.mktemp("readme")
     data = base / "data"
     data.mkdir()
-    tiny = make_synthetic(n=600, size=28, channels=1, classes=10, n_test=200, seed=0)
+    tiny = make_synthetic(n=300, size=28, channels=1, classes=10, n_test=100, seed=0)
     save_dataset(tiny, data / "fashion-mnist", "idx")
     bin_dir = base / "bin"
     bin_dir.mkdir()
@@ -117,6 +117,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 def test_readme_has_blocks_of_both_kinds() -> None:
     langs = [lang for _, lang, _ in BLOCKS]
     assert langs.count("bash") >= 4 and "python" in langs
+    assert len(STEPS) >= 20  # every command of every block is a step
 
 
 def test_the_runner_reads_what_it_should() -> None:
@@ -128,27 +129,33 @@ def test_the_runner_reads_what_it_should() -> None:
     assert commands(blocks[0][2]) == ["a --b   c   # note", "d && e"]
 
 
+def _steps() -> list[tuple[int, str, str]]:
+    """(README line, language, code): each bash command on its own (a failing one is named, and each has the
+    suite's per-test time limit), each Python block whole."""
+    out = []
+    for line, lang, body in BLOCKS:
+        body = substitute(body)
+        out += [(line, lang, body)] if lang == "python" else [(line, lang, cmd) for cmd in commands(body)]
+    return out
+
+
+STEPS = _steps()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-@pytest.mark.parametrize("line,lang,body", BLOCKS, ids=[f"line{line}-{lang}" for line, lang, _ in BLOCKS])
-def test_readme_block_runs(line: int, lang: str, body: str, work: tuple[Path, dict[str, str]]) -> None:
+@pytest.mark.parametrize("line,lang,code", STEPS, ids=[f"line{line}-{i}-{'-'.join(code.split()[:2])}"
+                                                       for i, (line, _, code) in enumerate(STEPS)])
+def test_readme_step_runs(line: int, lang: str, code: str, work: tuple[Path, dict[str, str]]) -> None:
     run_dir, env = work
-    body = substitute(body)
-    if lang == "python":
-        r = subprocess.run([sys.executable, "-c", body], cwd=run_dir, env=env, capture_output=True, text=True,
-                           timeout=900)
-        assert r.returncode == 0, f"README.md line {line}: the Python block failed:\n{r.stdout}\n{r.stderr}"
-        return
-    for cmd in commands(body):
-        r = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=run_dir, env=env, capture_output=True,
-                           text=True, timeout=900)
-        assert r.returncode == 0, (f"README.md line {line}: `{cmd}` exited {r.returncode}:\n"
-                                   f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    argv = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    r = subprocess.run(argv, cwd=run_dir, env=env, capture_output=True, text=True, timeout=590)
+    assert r.returncode == 0, (f"README.md line {line}: {'the Python block' if lang == 'python' else code!r} "
+                               f"exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
 def test_every_substitution_is_used() -> None:
     """Runs after the blocks: a substitution that no longer matches the README is stale."""
-    for _, _, body in BLOCKS:
-        substitute(body)
     stale = [old for old, _, _ in SUBSTITUTIONS if old not in USED]
     assert not stale, f"SUBSTITUTIONS entries that match nothing in README.md: {stale}"
 

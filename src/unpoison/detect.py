@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._validate import as_labels, as_uint8_nhwc
 from .data import ImageDataset
 from .defenses import DEFENSES, make_purifier
-from .defenses.base import as_labels, as_uint8_nhwc
 from .errors import UserError
 from .outputs import Policy, atomic_path
 from .params import unknown

@@ -149,14 +149,6 @@ def _sq_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch
     return ((a_t.double() - b_t.double()) / scale).pow(2)
 
 
-def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of uint8 NHWC batches; inf where identical."""
-    d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
-    mse = (d**2).reshape(len(a), -1).mean(1)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(1.0 / mse)
-
-
 class Timer:
     """Collects named durations: ``with timer("train"): ...`` adds wall seconds under ``train`` and this
     process's CPU seconds (all its threads) under ``train_cpu``: on a shared machine the wall time moves with

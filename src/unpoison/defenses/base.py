@@ -1,7 +1,7 @@
 """The purifier interface (scikit-learn's shape) and the defense registries.
 
 A *purifier* is a pre-training defense: configured in ``__init__``, learned by :meth:`fit` (a no-op
-for fixed transforms such as JPEG), applied by :meth:`purify` (alias :meth:`purify`). Inputs and
+for fixed transforms such as JPEG), applied by :meth:`purify` (:meth:`fit_purify` does both). Inputs and
 outputs are uint8 ``N x H x W x C`` numpy arrays (torch tensors are accepted and converted).
 
 A *training-time defense* (adversarial training, UEraser) is a callable ``(model, x, y) -> x'``
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .._registry import Registry
-from .._validate import as_labels, as_uint8_nhwc  # noqa: F401  (re-exported)
+from .._validate import as_labels, as_uint8_nhwc
 from ..errors import UserError
 from ..params import Param, check_params
 from ..presets import show_value

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..._validate import as_labels, as_uint8_nhwc
 from ...errors import UserError
 from ...models.dvae import DVAE, BottleneckAE, RateConstrainedVAE, ae_loss, check_geometry, dvae_loss, vae_loss
 from ...scan import calibrated_for, scan
 from ...stream import BatchSource, ResidentSource, TensorSink, open_array, shard_ranges
 from ...tensors import to_device_images
-from ..base import DEFENSES, as_labels, as_uint8_nhwc
+from ..base import DEFENSES
 from .autoencoder import GRID_ROWS, AutoencoderPurifier, nhwc_rows
 from .config import method_params
 from .engine import InferFn, _infer, _infer_to, _nhwc, _to_u8
