@@ -35,6 +35,7 @@ from torch.distributed.run import parse_args, run
 
 from .errors import UserError
 from .tensors import pick_device
+from .threads import pick_threads
 
 #: default collective timeout (seconds): longer than any wait for a rank still working on its share
 DEFAULT_TIMEOUT_S = 900
@@ -227,7 +228,8 @@ def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_inter
     quiet.setLevel(logging.CRITICAL)  # the agent's multi-line reports; the failure is said in one line below
     old_env = os.environ.get(LAUNCHED_ENV)
     os.environ[LAUNCHED_ENV] = "1"
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # each rank its share of the cores free now (unpoison.threads), unless the user set OMP_NUM_THREADS
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, pick_threads() // nproc)))
     try:
         run(targs)
         return 0
