@@ -3,7 +3,7 @@
 Public API (lazy, so ``import unpoison`` stays cheap)::
 
     from unpoison import load_dataset, save_dataset, ImageDataset
-    from unpoison import DVAEPurifier, create_model, evaluate
+    from unpoison import DVAEPurifier, TrainConfig, create_model, evaluate
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ _LAZY = {
     "create_model": "unpoison.models",
     "list_models": "unpoison.models",
     "evaluate": "unpoison.scoring",
+    "TrainConfig": "unpoison.train",
     "DVAEPurifier": "unpoison.defenses.dvae",
     "UserError": "unpoison.errors",
 }
