@@ -209,7 +209,7 @@ def _worker_logs(log_dir: Path, local_rank: int) -> list[Path]:
 def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_interval: float = 0.5,
            module: str = "unpoison") -> int:
     """Run ``python -m MODULE ARGV`` as ``nproc`` ranks on this machine with ``torch.distributed.run`` (the
-    purify workers: ``unpoison.pipeline.jobs JOB.json``).
+    purify workers: ``unpoison.pipeline.worker JOB.json``).
 
     Rank 0's output goes to the terminal; the others' to log files (shown only to explain a failure).
     Returns 0, or 2 after one line on stderr saying which rank failed and how."""

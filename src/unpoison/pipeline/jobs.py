@@ -3,7 +3,7 @@ with :func:`~unpoison.pipeline.purify.purify_dataset`, measure, write the datase
 
 ``unpoison purify`` builds a job from its flags and runs it; with ``--nproc N`` (and for a benchmark cell
 given several GPUs) :func:`launch_purify_job` starts N ranks with ``torch.distributed.run``, each running
-``python -m unpoison.pipeline.jobs JOB.json``: the workers run this function, not the command line.
+``python -m unpoison.pipeline.worker JOB.json``: the workers run this function, not the command line.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def launch_purify_job(job: PurifyJob, nproc: int) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(job.to_dict()))
     try:
-        return distributed.launch(nproc, [str(spec)], "unpoison purify", module="unpoison.pipeline.jobs")
+        return distributed.launch(nproc, [str(spec)], "unpoison purify", module="unpoison.pipeline.worker")
     finally:
         spec.unlink(missing_ok=True)
 
@@ -303,7 +303,7 @@ def purify_in_processes(ds: ImageDataset, method: str, params: dict[str, Any], n
                     overwrite=True)
     spec = work / "job.json"
     spec.write_text(json.dumps(job.to_dict()))
-    r = subprocess.run([sys.executable, "-m", "unpoison.pipeline.jobs", "--nproc", str(nproc), str(spec)],
+    r = subprocess.run([sys.executable, "-m", "unpoison.pipeline.worker", "--nproc", str(nproc), str(spec)],
                        capture_output=True, text=True)
     if r.returncode:
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -317,8 +317,8 @@ def purify_in_processes(ds: ImageDataset, method: str, params: dict[str, Any], n
                         stats, stats["psnr_input_output"])
 
 
-def _main(argv: list[str] | None = None) -> int:
-    """A worker rank (``python -m unpoison.pipeline.jobs JOB.json``), or with ``--nproc N`` the launcher of N."""
+def worker_main(argv: list[str] | None = None) -> int:
+    """A worker rank (``python -m unpoison.pipeline.worker JOB.json``), or with ``--nproc N`` the launcher of N."""
     p = argparse.ArgumentParser(prog="unpoison-purify-worker")
     p.add_argument("job")
     p.add_argument("--nproc", type=int, default=None)
@@ -335,6 +335,3 @@ def _main(argv: list[str] | None = None) -> int:
 
     return run_guarded("unpoison purify", go)
 
-
-if __name__ == "__main__":  # pragma: no cover - run by the launcher in each rank
-    sys.exit(_main())
