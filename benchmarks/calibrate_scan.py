@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from unpoison.data import load_dataset
+from unpoison.outputs import atomic_path
 from unpoison.scan import NULL_FILE, ScanConfig, _geometry, fit_null, load_null, measure
-from unpoison.utils import atomic_path
 
 
 def main() -> None:

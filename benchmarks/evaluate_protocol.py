@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unpoison.data import load_dataset
-from unpoison.evaluate import evaluate
 from unpoison.models import MODELS, create_model
+from unpoison.scoring import evaluate
+from unpoison.tensors import pick_device
 from unpoison.train import TrainConfig
-from unpoison.utils import Timer, manifest, pick_device, write_json, write_text_atomic
+from unpoison.utils import Timer, manifest, write_json, write_text_atomic
 
 
 def throughput(name: str, shape: tuple[int, int, int], steps: int, batch: int = 128) -> float:

@@ -65,8 +65,9 @@ from unpoison.defenses.dvae import (
     train_autoencoder,
 )
 from unpoison.models import DVAE, dvae_loss
+from unpoison.tensors import pick_device
 from unpoison.train import TrainConfig, to_device_images, train_classifier
-from unpoison.utils import manifest, pick_device, write_json, write_text_atomic
+from unpoison.utils import manifest, write_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_OUT = ROOT / "docs" / "results" / "gpu"
@@ -243,7 +244,7 @@ def sec_two_stage(c: Ctx) -> None:
     c.sync()
     fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    pur.transform(x, y)
+    pur.purify(x, y)
     c.sync()
     infer_s = time.perf_counter() - t1
     epochs = {k: [h["time_s"] for h in v] for k, v in pur.history_.items()}
@@ -359,7 +360,7 @@ def sec_avatar(c: Ctx) -> None:
     pur = AvatarPurifier(str(ck), t_star=s.avatar_t_star, batch_size=s.avatar_sample_n, device=str(c.dev),
                          progress=False)
     c.reset_peak()
-    pur.transform(x[:s.avatar_sample_n])
+    pur.purify(x[:s.avatar_sample_n])
     c.sync()
     t = pur.info_["denoise_time_s"]
     c.out["sample"] = {"t_star": s.avatar_t_star, "images": s.avatar_sample_n, "s": t,

@@ -42,7 +42,8 @@ from unpoison.defenses.dvae import (
     train_autoencoder,
 )
 from unpoison.models import DVAE, dvae_loss
-from unpoison.utils import manifest, pick_device, psnr_from_mse, seed_everything, write_json, write_text_atomic
+from unpoison.tensors import pick_device
+from unpoison.utils import manifest, psnr_from_mse, seed_everything, write_json, write_text_atomic
 
 SHAPES = {"paper": (32, 32, 3), "cpu": (28, 28, 1)}
 

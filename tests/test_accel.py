@@ -292,7 +292,7 @@ def test_avatar_switches_track_fp32(tmp_path) -> None:
     ck = tmp_path / "m.pt"
     save_checkpoint(ck, cfg, model)
     outs = {name: AvatarPurifier(str(ck), t_star=4, batch_size=16, device="cpu", seed=0, progress=False,
-                                 accel=a).transform(ds.x_train[:16])
+                                 accel=a).purify(ds.x_train[:16])
             for name, a in {"off": Accel.off(), "bf16": Accel(bf16=True), "cl": Accel(channels_last=True)}.items()}
     assert psnr(outs["bf16"], outs["off"]) >= 55.0
     assert psnr(outs["cl"], outs["off"]) >= 80.0

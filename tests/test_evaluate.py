@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from unpoison.data import make_synthetic
-from unpoison.evaluate import evaluate
+from unpoison.scoring import evaluate
 from unpoison.train import TrainConfig, augment_batch
 
 SPEC = "synthetic:n=128,size=16,channels=3,classes=4,seed=0"

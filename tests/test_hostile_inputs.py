@@ -38,15 +38,15 @@ def test_small_file_claiming_huge_is_refused_in_bounded_memory(tmp_path: Path, n
     spec = H.CLAIMS_HUGE[name](tmp_path)
     tracemalloc.start()
     try:
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU seconds of this process: a busy machine does not inflate them
         with pytest.raises(UserError) as e:
             load_dataset(spec)
-        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < PEAK_LIMIT, f"{name}: peak {peak >> 20} MiB"
-    assert elapsed < 20, f"{name}: {elapsed:.1f} s"
+    assert cpu < 20, f"{name}: {cpu:.1f} CPU s (refusing a claim reads headers, not the claim)"
     assert "\n" not in str(e.value) and Path(spec).name in str(e.value)
 
 

@@ -312,29 +312,32 @@ def test_a_dead_rank_ends_the_job_with_one_line_and_resume_finishes_it(tmp_path:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "unpoison", "purify", str(src), str(out), "--method", "dvae", "--preset", "cpu",
            "--width", "8", "--latent", "8", "--epochs", "40", "--batch-size", "16", "--device", "cpu", "--quiet",
-           "--nproc", "2"]  # 40 epochs: the stage-1 epoch checkpoint lives long enough to be seen (it is removed
-    # when the stage ends; at 2 epochs the faster D-VAE finished the whole job between two polls)
+           "--nproc", "2"]  # 40 epochs a stage: the job outlives the wait below by far
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ck = tmp_path / "out.report" / "checkpoints" / "stage1.epoch.pt"
+    # training is under way once any checkpoint exists: stage 1's epoch file, then stage1.done.pt, which
+    # stays for the rest of the job (waiting for the short-lived epoch file alone could miss it on a busy
+    # machine); the bounds are generous, for start-up on shared cores
+    cks = tmp_path / "out.report" / "checkpoints"
     t0 = time.monotonic()
     try:
-        while not ck.exists():
+        while not any(cks.glob("*.pt")):
             assert p.poll() is None, p.communicate()
-            assert time.monotonic() - t0 < 240, "no checkpoint after 240 s"
-            time.sleep(0.02)
+            assert time.monotonic() - t0 < 900, "no checkpoint after 900 s"
+            time.sleep(0.05)
         ranks = [c for k in _children(p.pid) for c in [k, *_children(k)] if _rank(c) == 1]
         assert ranks, "rank 1 not found"
         os.kill(ranks[0], signal.SIGKILL)
         killed = time.monotonic()
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=600)
     finally:
         if p.poll() is None:
             p.kill()
     lines = err.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, err
     assert "rank 1 of 2" in lines[0] and "SIGKILL" in lines[0] and "--resume" in lines[0]
-    assert time.monotonic() - killed < 60 and not out.exists()
-    r = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    # the others stop on the lost peer, long before --dist-timeout (900 s) would end a hang
+    assert time.monotonic() - killed < 300 and not out.exists()
+    r = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     man = json.loads((tmp_path / "out.report" / "manifest.json").read_text())
     assert man["stats"]["distributed"]["world_size"] == 2

@@ -3,7 +3,7 @@
 Public API (lazy, so ``import unpoison`` stays cheap)::
 
     from unpoison import load_dataset, save_dataset, ImageDataset
-    from unpoison import DVAEPurifier, create_model, evaluate
+    from unpoison import DVAEPurifier, TrainConfig, create_model, evaluate
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ _LAZY = {
     "save_dataset": "unpoison.data",
     "create_model": "unpoison.models",
     "list_models": "unpoison.models",
-    "evaluate": "unpoison.evaluate",
+    "evaluate": "unpoison.scoring",
+    "TrainConfig": "unpoison.train",
     "DVAEPurifier": "unpoison.defenses.dvae",
     "UserError": "unpoison.errors",
 }

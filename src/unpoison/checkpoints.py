@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .outputs import atomic_path
 from .stream import open_array
-from .utils import atomic_path, write_json
+from .utils import write_json
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

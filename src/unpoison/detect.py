@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from ._validate import as_labels, as_uint8_nhwc
 from .data import ImageDataset
+from .defenses import DEFENSES, make_purifier
 from .errors import UserError
-from .outputs import Policy
+from .outputs import Policy, atomic_path
 from .params import unknown
-from .utils import Timer, atomic_path
+from .scan import scan
+from .tensors import to_device_images
+from .train import TrainConfig, predict, train_classifier
+from .utils import Timer
 
 
 @dataclass
@@ -51,9 +57,6 @@ def stage1_p_hat(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: d
     ``p_hat``; other purifiers run ``fit_purify`` and must leave ``extras_["p_hat"]``. ``preset`` sizes the
     purifier (when it has presets and ``params`` names none); a checkpoint folder makes the fit resumable.
     """
-    from .defenses import DEFENSES, make_purifier
-    from .defenses.base import as_labels, as_uint8_nhwc
-
     cls = DEFENSES.get(purifier)
     pur = make_purifier(purifier, params, device=device, seed=seed, progress=progress,
                         preset=preset if "preset" in cls.COMMON else None, checkpoint_dir=checkpoint_dir, resume=None)
@@ -85,10 +88,6 @@ def detect_poison(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: 
                   checkpoint_dir: str | None = None, preset: str | None = None) -> DetectResult:
     """Score and flag each training image (see module doc). ``train_config``: a :class:`TrainConfig`
     (default: ``preset``'s, else ``cpu``); ``preset`` also sizes the stage-1 purifier."""
-    from .defenses.base import as_labels, as_uint8_nhwc
-    from .tensors import to_device_images
-    from .train import TrainConfig, predict, train_classifier
-
     x = as_uint8_nhwc(x)
     y = as_labels(y, len(x))
     if y is None or len(np.unique(y)) < 2:
@@ -105,7 +104,6 @@ def detect_poison(x: np.ndarray, y: np.ndarray, purifier: str = "dvae", params: 
     ds = ImageDataset(x_hat, y, x[:k], y[:k])
     with timer("train"):
         res = train_classifier(ds, None, cfg, seed, device, progress=progress, desc="detect: train on x0 + p_hat")
-    import torch
 
     model = res.model
     dev = next(model.parameters()).device
@@ -136,8 +134,6 @@ def detect(x: np.ndarray, y: np.ndarray, method: str = "signals", scan_config: A
     :class:`~unpoison.scan.ScanConfig`); a set it judges clean has no flag. ``dvae``: :func:`detect_poison`
     with ``dvae`` as its keyword arguments."""
     if method == "signals":
-        from .scan import scan
-
         r = scan(x, y, scan_config, seed=seed, device=device, progress=progress)
         return DetectResult(scores=r.sample_scores, flags=r.flags,
                             info={"method": "signals (unpoison.scan)", "scan": r.summary(), "n": int(len(r.flags)),

@@ -36,7 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from .data import ImageDataset
+from .tensors import to_device_images
+from .train import predict, train_classifier
 from .utils import psnr_from_mse
+from .viz import residual_image, save_image_grid
 
 __all__ = [
     "true_perturbation",
@@ -220,8 +224,6 @@ def residual_grid_rows(p: np.ndarray, p_hat: np.ndarray | None, n: int = 8, x0: 
     ``p_hat`` None (a purifier without one): the ``p`` row only. ``left``: named residuals to the clean
     images (e.g. ``{"output - clean": ...}``: poison left plus damage), added as rows at the same gain.
     """
-    from .viz import residual_image
-
     p = np.asarray(p, dtype=np.float32)[:n]
     m = float(np.abs(p).max()) if p.size else 0.0
     gain = 127.0 / m if m > 0 else 1.0
@@ -243,8 +245,6 @@ def save_residual_grid(p: np.ndarray, p_hat: np.ndarray | None, path: str | Path
                        x0: np.ndarray | None = None, title: str | None = None,
                        left: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write the :func:`residual_grid_rows` grid as a PNG (atomically, via :func:`unpoison.viz.save_image_grid`)."""
-    from .viz import save_image_grid
-
     return save_image_grid(residual_grid_rows(p, p_hat, n, x0, left), path, n=n, title=title)
 
 
@@ -381,9 +381,6 @@ def add_perturbation(x: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def accuracy_on(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy (%) of a trained classifier on uint8 NHWC images ``x`` with labels ``y`` (NaN when empty)."""
-    from .tensors import to_device_images
-    from .train import predict
-
     if not len(y):
         return float("nan")
     dev = next(model.parameters()).device
@@ -397,9 +394,6 @@ def table1_check(x_clean: np.ndarray, y: np.ndarray, p_hat: np.ndarray, x_poison
     """The paper's Table 1: train a classifier (``config``, a :class:`unpoison.train.TrainConfig`) on
     ``clean + p_hat`` and score it on the clean training images (T), the clean test images (D) and the
     poisoned training images (P). ``p_hat`` that is the poison gives a low D and a high P."""
-    from .data import ImageDataset
-    from .train import train_classifier
-
     x_hat = add_perturbation(x_clean, p_hat)
     ds = ImageDataset(x_hat, np.asarray(y), x_test, np.asarray(y_test), classes=list(classes or []))
     res = train_classifier(ds, None, config, seed, device, progress=progress, desc="Table 1: train on clean + p_hat")

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -29,9 +30,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
 
 from .errors import UserError
 from .tensors import pick_device
+from .threads import pick_threads
 
 #: default collective timeout (seconds): longer than any wait for a rank still working on its share
 DEFAULT_TIMEOUT_S = 900
@@ -205,7 +209,7 @@ def _worker_logs(log_dir: Path, local_rank: int) -> list[Path]:
 def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_interval: float = 0.5,
            module: str = "unpoison") -> int:
     """Run ``python -m MODULE ARGV`` as ``nproc`` ranks on this machine with ``torch.distributed.run`` (the
-    purify workers: ``unpoison.pipeline.jobs JOB.json``).
+    purify workers: ``unpoison.pipeline.worker JOB.json``).
 
     Rank 0's output goes to the terminal; the others' to log files (shown only to explain a failure).
     Returns 0, or 2 after one line on stderr saying which rank failed and how."""
@@ -213,9 +217,6 @@ def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_inter
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     if under_launcher():
         raise UserError("--nproc inside a torchrun job: start the command one way, not both")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     log_dir = Path(tempfile.mkdtemp(prefix="unpoison-ranks-"))
     redirects = ",".join(f"{r}:3" for r in range(1, nproc)) or "0"
     targs = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
@@ -227,7 +228,8 @@ def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_inter
     quiet.setLevel(logging.CRITICAL)  # the agent's multi-line reports; the failure is said in one line below
     old_env = os.environ.get(LAUNCHED_ENV)
     os.environ[LAUNCHED_ENV] = "1"
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # each rank its share of the cores free now (unpoison.threads), unless the user set OMP_NUM_THREADS
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, pick_threads() // nproc)))
     try:
         run(targs)
         return 0
@@ -242,7 +244,6 @@ def launch(nproc: int, argv: list[str], command: str = "unpoison", monitor_inter
             os.environ.pop(LAUNCHED_ENV, None)
         else:
             os.environ[LAUNCHED_ENV] = old_env
-        import shutil
 
         shutil.rmtree(log_dir, ignore_errors=True)
 

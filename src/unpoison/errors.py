@@ -7,7 +7,10 @@ bug and keeps its traceback. Library callers can catch it like a ``ValueError``.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -73,3 +76,47 @@ def check_finite_loss(value: float, what: str, epoch: int, hint: str = "--lr", u
     if not math.isfinite(value):
         raise NonFiniteError(f"{what} diverged: loss is {value} at {unit} {epoch}; nothing was written "
                              f"(a smaller {hint} may help)")
+
+
+# --- the promise every entry point keeps ----------------------------------------------------------------------
+def _fail(prefix: str, message: str) -> int:
+    """The promised single line on stderr (escapes shown, never sent raw), exit code 2."""
+    print(f"{prefix}: error: {printable(message)}", file=sys.stderr)
+    return 2
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def run_guarded(prefix: str, fn: Callable[[], int]) -> int:
+    """``fn()``'s exit code, with the promise every command keeps: a UserError (and the environment's
+    errors: disk, memory, a closed pipe) is one line on stderr and exit code 2; anything else is a bug and
+    keeps its traceback. The command line and the purify workers run under it."""
+    try:
+        rc = int(fn() or 0)
+        sys.stdout.flush()  # inside the try: `unpoison info X | head` fails here, not at exit
+        return rc
+    except UserError as e:
+        return _fail(prefix, str(e))
+    except BrokenPipeError:
+        _silence_stdout()
+        return _fail(prefix, "output closed early (broken pipe)")
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        return _fail(prefix, "out of memory (a smaller --batch-size, subset or UNPOISON_MAX_MEMORY may help)")
+    except OSError as e:  # the environment (disk, permissions), not a bug: one line naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(prefix, f"{where}{e.strerror or e}")
+    except RuntimeError as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch
+            return _fail(prefix, f"out of device memory: {str(e).splitlines()[0]} (try a smaller --batch-size)")
+        raise

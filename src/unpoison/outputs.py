@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from . import __version__
 from .errors import UserError, printable
 
 #: file in every folder unpoison writes as a user's output (datasets, demo folders)
@@ -209,8 +210,6 @@ def is_ours(path: str | Path) -> bool:
 
 def write_marker(folder: str | Path, kind: str, **info: Any) -> None:
     """Mark a folder as unpoison's output (what ``--overwrite`` may later replace)."""
-    from . import __version__
-
     Path(folder, MARKER).write_text(json.dumps({"written_by": "unpoison", "version": __version__, "kind": kind,
                                                 **info}, default=str) + "\n")
 
@@ -455,37 +454,9 @@ def atomic_path(final: str | Path, is_dir: bool = False, policy: Policy = "inter
 
 
 # --- the checks a command makes before any work ---------------------------------------------------------
-def check_file_output(output: str | Path, specs: list[str | None], overwrite: bool,
-                      sources: list[Any] | tuple[Any, ...] = ()) -> None:
-    """Refuse a file OUT (a CSV, a JSON record, a checkpoint) before any work: :mod:`unpoison.outputs`.
-
-    Called once before loading (``specs``: the input specs) and once after (``sources``: the loaded
-    datasets' resolved locations)."""
-    from .data import spec_path
-
-    inputs = [spec_path(s) if s else None for s in specs] + list(sources)
-    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=False, dataset=False)
-
-
 def report_dir(output: str | Path) -> Path:
     """``OUT.report/``: the folder beside a dataset output that holds its manifest, grid and arrays."""
     out = Path(output).expanduser()
     return out.with_name(out.name + ".report")
 
 
-def check_dataset_output(output: str | Path, input_spec: str, overwrite: bool, ds: Any = None,
-                         fmt: str | None = None) -> None:
-    """Refuse a dataset OUT (and its report folder) before any work: see :mod:`unpoison.outputs`.
-
-    Called once before loading (existence, OUT = IN) and once after (``ds`` known: the output's
-    kind, file or folder, and the input's resolved location).
-    """
-    from .data import output_format, spec_path
-
-    inputs = [spec_path(input_spec)] + ([ds.source] if ds is not None else [])
-    is_dir = output_format(ds, output, fmt).writes_dir if ds is not None else None
-    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=is_dir)
-    rdir = report_dir(output)
-    guard_inputs(rdir, inputs)
-    if rdir.exists() and not rdir.is_dir():
-        raise UserError("exists and is not a folder (the report folder of the output)", rdir)

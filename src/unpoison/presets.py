@@ -23,6 +23,7 @@ from typing import Any
 from ._registry import Registry
 from .errors import UserError
 from .params import unknown
+from .tensors import pick_device
 
 AUTO = "auto"
 
@@ -105,8 +106,6 @@ def show_value(v: Any) -> str:
 
 def resolve_auto(device: Any = "auto") -> str:
     """``auto`` -> ``paper`` when ``device`` is (or ``auto`` finds) a CUDA device, else ``cpu``."""
-    from .tensors import pick_device
-
     return "paper" if pick_device(device).type == "cuda" else "cpu"
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import platform
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -14,10 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 
+from . import __version__
+from .data.rows import RowReader, file_backing, save_rows
 from .errors import UserError, check_seed
-from .outputs import Policy, atomic_path  # noqa: F401  (the one atomic writer; re-exported for callers)
-from .tensors import pick_device  # noqa: F401  (re-exported; it lives below everything)
+from .outputs import Policy, atomic_path
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -35,8 +40,6 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def versions() -> dict[str, str]:
-    from . import __version__
-
     out = {
         "unpoison": __version__,
         "python": sys.version.split()[0],
@@ -45,8 +48,6 @@ def versions() -> dict[str, str]:
         "platform": platform.platform(),
     }
     with contextlib.suppress(Exception):
-        import torchvision
-
         out["torchvision"] = torchvision.__version__
     if torch.cuda.is_available():
         out["cuda_device"] = torch.cuda.get_device_name(0)
@@ -81,8 +82,6 @@ def write_json(path: str | Path, obj: Any, policy: Policy = "internal") -> None:
 
 
 def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
-    from .data.rows import file_backing, save_rows
-
     with atomic_path(path) as tmp:
         if arr.ndim and file_backing(arr) is not None:  # a memmap: copied from its file in chunks
             save_rows(arr, tmp)
@@ -93,10 +92,6 @@ def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
 
 def move_file_atomic(src: str | Path, final: str | Path) -> None:
     """Put a file of our own at ``final`` by a rename into the atomic write (a copy across file systems)."""
-    import errno
-    import os
-    import shutil
-
     with atomic_path(final) as tmp:
         try:
             os.replace(src, tmp)
@@ -137,8 +132,6 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, chunk_bytes
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a.nbytes <= chunk_bytes:
         return psnr_from_mse(_sq_err(np.asarray(a) if not isinstance(a, torch.Tensor) else a,
                                      np.asarray(b) if not isinstance(b, torch.Tensor) else b).mean().item())
-    from .data.rows import RowReader  # data imports utils: below it only here
-
     step = max(1, chunk_bytes // max(1, int(a.nbytes // max(1, len(a)))))
     sse, count = 0.0, 0
     with RowReader(a) as ra, RowReader(b) as rb:
@@ -154,14 +147,6 @@ def _sq_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch
                 for t in (a, b))
     scale = 255.0 if a_t.dtype == torch.uint8 else 1.0
     return ((a_t.double() - b_t.double()) / scale).pow(2)
-
-
-def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of uint8 NHWC batches; inf where identical."""
-    d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
-    mse = (d**2).reshape(len(a), -1).mean(1)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(1.0 / mse)
 
 
 class Timer:

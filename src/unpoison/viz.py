@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import atomic_path
+from .outputs import atomic_path
 
 
 def residual_image(a: np.ndarray, b: np.ndarray, gain: float | None = None) -> np.ndarray:

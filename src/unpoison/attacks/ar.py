@@ -1,14 +1,13 @@
 """AR, autoregressive perturbations (Sandoval-Segura et al., NeurIPS 2022).
 
-No surrogate: class k gets a random 3x3 autoregressive filter per channel (eight causal coefficients,
-the bottom-right one fixed at 0, normalised to sum to 1, as in the authors' generator). Each image's
-noise starts as Gaussian values and every pixel is then replaced, in raster order, by the filter's
-prediction from its already-updated neighbours above and to the left. A margin of ``crop`` rows and
-columns is generated and dropped (start-up artefacts), and the noise is scaled to the l2 bound
-(PAPER.md: 1.0 at CIFAR size, sqrt(d/3072)-scaled elsewhere). The recursion runs vectorised over
-images (one step per pixel). Filters whose recursion blows up (non-finite) are re-drawn.
-The matching filter (coefficients with -1 at the bottom-right) responds ~0 to its own class's noise,
-which is the shortcut.
+No surrogate: class k gets a random 3x3 autoregressive filter per channel (eight causal coefficients, the
+bottom-right one fixed at 0, normalised to sum to 1, as in the authors' generator). Each image's noise starts
+as Gaussian values and every pixel is then replaced, in raster order, by the filter's prediction from its
+already-updated neighbours above and to the left. A margin of ``crop`` rows and columns is generated and
+dropped (start-up artefacts), and the noise is scaled to the l2 bound (docs/design.md, "Threat model and
+bounds": 1.0 at CIFAR size, sqrt(d/3072)-scaled elsewhere). The recursion runs vectorised over images (one
+step per pixel). Filters whose recursion blows up (non-finite) are re-drawn. The matching filter (coefficients
+with -1 at the bottom-right) responds ~0 to its own class's noise, which is the shortcut.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ lets the subclass craft float perturbations for those images, rounds the result 
 
 Bounds are given in [0, 1] pixel units (``8/255``). ``eps=None`` is the paper's default bound. l2
 bounds are quoted at CIFAR size (d = 3072) and scaled by ``sqrt(d / 3072)`` for other sizes so the
-per-pixel energy matches (PAPER.md, "Datasets that are not CIFAR"): Fashion-MNIST's default 1.0
+per-pixel energy matches (docs/design.md, "Datasets that are not CIFAR"): Fashion-MNIST's default 1.0
 becomes ~0.505. ``scale_eps=False`` takes an l2 bound literally. ``info["eps"]`` is the enforced
 number; ``info["eps_nominal"]`` the one asked for.
 
@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .. import models
+from .. import rng as rng_module
 from .._registry import Registry
 from .._validate import as_labels, as_uint8_nhwc
 from ..errors import NonFiniteError, UserError, check_seed
@@ -270,13 +272,9 @@ class Attack:
         the tensor and RNG helpers, and for a surrogate attack the classifiers' modules (every
         ``unpoison.models`` submodule but the purification auto-encoders', listed from the package itself so
         the key does not depend on what else happens to be imported)."""
-        import unpoison.rng
-
         mods = [k.__module__ for k in cls.__mro__ if k.__module__.startswith("unpoison.")]
-        mods += [rng_scope.__module__, unpoison.rng.__name__]
+        mods += [rng_scope.__module__, rng_module.__name__]
         if cls.uses_surrogate:
-            import unpoison.models as models
-
             mods += [f"{models.__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(models.__path__),
                                                                    key=lambda m: m.name)
                      if m.name not in _NOT_SURROGATE_MODULES]

@@ -1,12 +1,12 @@
 """LSP, linearly separable synthetic perturbations (Yu et al., "Availability attacks create shortcuts").
 
-No surrogate: each class k gets a Gaussian cluster centre mu_k in a low-dimensional space (one value
-per patch and channel: 4 x 4 patches of 8 px on 32 px images, 32 px patches on 224 px); every
-image's noise is ``mu_k + sigma * N(0, I)`` (well-separated clusters: sigma << |mu_k - mu_j|),
-upsampled to full size by repeating each value over its patch, and scaled to the l2 bound
-(PAPER.md: l2 1.0 at CIFAR size, sqrt(d/3072)-scaled elsewhere) *after* clipping to [0, 1]
-(``fit_after_clip``; the original scales first and loses the clipped part). The noise alone is linearly
-separable by class, which is the shortcut the classifier learns.
+No surrogate: each class k gets a Gaussian cluster centre mu_k in a low-dimensional space (one value per patch
+and channel: 4 x 4 patches of 8 px on 32 px images, 32 px patches on 224 px); every image's noise is ``mu_k +
+sigma * N(0, I)`` (well-separated clusters: sigma << |mu_k - mu_j|), upsampled to full size by repeating each
+value over its patch, and scaled to the l2 bound (docs/design.md, "Threat model and bounds": l2 1.0 at CIFAR
+size, sqrt(d/3072)-scaled elsewhere) *after* clipping to [0, 1] (``fit_after_clip``; the original scales first
+and loses the clipped part). The noise alone is linearly separable by class, which is the shortcut the
+classifier learns.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..params import Param
 from .base import Attack, project, register_attack, to_float_nchw
@@ -83,7 +84,6 @@ class NTGA(Attack):
         blocks = [perm[i:i + bs] for i in range(0, n, bs)]
         acc_clean, acc_pois = [], []
         t0 = time.perf_counter()
-        from tqdm.auto import tqdm
 
         bar = tqdm(blocks, desc="ntga: blocks", disable=not self.progress, leave=False, dynamic_ncols=True)
         for tb in bar:

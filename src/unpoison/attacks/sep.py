@@ -10,8 +10,8 @@ evenly spaced epochs form the ensemble. Each image is then perturbed by PGD with
   current point, then ``vr_inner`` inner steps on single random checkpoints m with the corrected
   gradient ``g_m(inner) - g_m(outer) + G``; the outer step follows the summed inner gradients.
 
-Our reading of the original description (PAPER.md gives only "PGD with feature alignment and
-variance reduction"); steps, checkpoints and epochs are parameters.
+Our reading of the original description (docs/design.md, "Attacks": the paper gives only "PGD with feature
+alignment and variance reduction"); steps, checkpoints and epochs are parameters.
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ from ..data import ImageDataset, load_dataset
 from ..data.fingerprint import dataset_fingerprint
 from ..defenses import DEFENSES, Purifier, make_purifier
 from ..errors import UserError
+from ..outputs import atomic_path
 from ..pipeline import PurifyResult, measure_against_clean, poison_dataset, purify_dataset, purify_in_processes
 from ..train import TrainConfig, TrainResult, train_classifier
-from ..utils import Timer, atomic_path, parse_fraction
+from ..utils import Timer, parse_fraction
 from ..viz import save_image_grid
 from .grid import Cell, attack_seed, short_hash
 

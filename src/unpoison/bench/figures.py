@@ -12,7 +12,7 @@ import numpy as np
 
 from ..defenses.dvae.config import DVAE_PRESETS, DVAEConfig
 from ..errors import UserError
-from ..utils import atomic_path
+from ..outputs import atomic_path
 from .table import Table, axis_label
 from .tables import purify_cpu_s
 

@@ -260,7 +260,7 @@ def kind_partial(ctx: CellContext) -> dict[str, Any]:
             out["purifier_fit_on"] = int(len(fit_idx))
             with ctx.timer("purify"):
                 pur.fit(x_p[fit_idx], ds.y_train[fit_idx])
-                x_train[sel] = pur.transform(x_p[sel], ds.y_train[sel])
+                x_train[sel] = pur.purify(x_p[sel], ds.y_train[sel])
             out["defense_info"] = pur.info_
         out["n_purified"] = int(len(sel))
         out["psnr"] = psnr(x_p, x_train)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+import re
 import sys
-from collections.abc import Callable
 from importlib import import_module
 
 from .. import __version__
-from ..errors import UserError, check_seed, printable
+from ..errors import UserError, check_seed, run_guarded
+from ..threads import apply_threads
 
 #: sub-command name -> module (in help order)
 COMMANDS = {
@@ -34,8 +34,28 @@ COMMANDS = {
 }
 
 
+#: reStructuredText in docstrings and Param help: ``x``, :role:`x` / :role:`~a.b.x`, a closing ``::``
+_RST = re.compile(r"``((?s:.+?))``|:[a-z]+:`(~?)([^`]+)`|::(?=\s*$)", re.M)
+
+
+def plain(text: str) -> str:
+    """Help text for a terminal: the reStructuredText markup of the docstrings it comes from dropped."""
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) is not None:
+            return m.group(1)
+        if m.group(3) is not None:
+            return m.group(3).rsplit(".", 1)[-1] if m.group(2) else m.group(3)
+        return ":"
+
+    return _RST.sub(one, text)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (a :class:`UserError`), like every other bad input."""
+    """argparse with its errors as one line (a :class:`UserError`), like every other bad input, and its help
+    as plain text (every sub-command's parser is one of these)."""
+
+    def format_help(self) -> str:
+        return plain(super().format_help())
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments"):
@@ -66,49 +86,6 @@ def check_args(args: argparse.Namespace) -> None:
         check_seed(args.seed)
 
 
-def _fail(prefix: str, message: str) -> int:
-    """The promised single line on stderr (escapes shown, never sent raw), exit code 2."""
-    print(f"{prefix}: error: {printable(message)}", file=sys.stderr)
-    return 2
-
-
-def _silence_stdout() -> None:
-    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
-        os.close(fd)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def run_guarded(prefix: str, fn: Callable[[], int]) -> int:
-    """``fn()``'s exit code, with the promise every command keeps: a :class:`UserError` (and the environment's
-    errors: disk, memory, a closed pipe) is one line on stderr and exit code 2; anything else is a bug and
-    keeps its traceback. The command line and the purify workers run under it."""
-    try:
-        rc = int(fn() or 0)
-        sys.stdout.flush()  # inside the try: `unpoison info X | head` fails here, not at exit
-        return rc
-    except UserError as e:
-        return _fail(prefix, str(e))
-    except BrokenPipeError:
-        _silence_stdout()
-        return _fail(prefix, "output closed early (broken pipe)")
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        return _fail(prefix, "out of memory (a smaller --batch-size, subset or UNPOISON_MAX_MEMORY may help)")
-    except OSError as e:  # the environment (disk, permissions), not a bug: one line naming the file
-        where = f"{e.filename}: " if e.filename else ""
-        return _fail(prefix, f"{where}{e.strerror or e}")
-    except RuntimeError as e:
-        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch
-            return _fail(prefix, f"out of device memory: {str(e).splitlines()[0]} (try a smaller --batch-size)")
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
@@ -118,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         args.argv = list(argv)
         check_args(args)
+        if hasattr(args, "threads"):  # a command that computes: as many threads as cores are free
+            args.threads = apply_threads(args.threads)
         return int(args.func(args) or 0)
 
     return run_guarded(prefix, go)

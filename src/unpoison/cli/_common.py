@@ -21,6 +21,9 @@ from ..presets import PresetTable, choose, common_choices
 def add_device_seed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads on CPU (default: OMP_NUM_THREADS if set, else the cores not busy with "
+                        "other work, at least 1)")
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:

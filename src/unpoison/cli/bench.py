@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..bench import build_report, check_config, run_grid
+from ..bench.executors import EXECUTORS
+from ..bench.grid import BENCH_PRESETS, load_config, shipped_configs
+from ..errors import UserError
 from ._common import add_preset, add_quiet, announce_preset
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
-    from ..bench.executors import EXECUTORS
-    from ..bench.grid import BENCH_PRESETS, shipped_configs
-
     p = sub.add_parser(name, help="run a benchmark grid (resumable)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help=f"shipped config ({', '.join(shipped_configs())}) or a YAML path")
@@ -45,10 +46,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import build_report, check_config, run_grid
-    from ..bench.grid import BENCH_PRESETS, load_config
-    from ..errors import UserError
-
     preset = args.preset
     if preset != "auto" or load_config(args.config, None, args.dataset)["_presets"]:
         preset = announce_preset(args, [BENCH_PRESETS])  # auto on a config without presets: run as written

@@ -14,26 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..attacks import ATTACKS
 from ..data import load_dataset, spec_path
+from ..defenses.dvae import DVAE_PRESETS
 from ..errors import UserError
 from ..outputs import atomic_path, check_output, policy_for, write_marker
+from ..pipeline import poison_dataset, purify_dataset
+from ..scoring import evaluate
+from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, psnr, to_json
 from ..viz import residual_image, save_image_grid
 from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
 
 
 def _tables() -> list:
-    from ..defenses.dvae import DVAE_PRESETS
-    from ..train import SCORING_PRESETS
-
     return [DVAE_PRESETS, SCORING_PRESETS]
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
-    from ..attacks import ATTACKS
-    from ..train import SCORING_PRESETS
-
     p = sub.add_parser(name, help="poison Fashion-MNIST with LSP, purify with D-VAE, score all three",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
@@ -53,11 +53,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..attacks import ATTACKS
-    from ..evaluate import evaluate
-    from ..pipeline import poison_dataset, purify_dataset
-    from ..train import TrainConfig
-
     if args.n_train < 20:
         raise UserError(f"--n-train must be >= 20, got {args.n_train}")
     if args.n_test is not None and args.n_test < 1:
@@ -115,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 

@@ -17,23 +17,25 @@ from pathlib import Path
 
 import yaml
 
-from ..outputs import check_file_output
+from ..data import check_file_output, load_dataset
+from ..defenses import DEFENSES
+from ..defenses.dvae import DVAE_PRESETS
+from ..detect import METHODS, detect, write_scores_csv
+from ..errors import UserError
+from ..models import list_models
+from ..outputs import policy_for
+from ..scan import DEFAULT_SELF_THRESHOLD, DEFAULT_SIGNALS
+from ..train import SCORING_PRESETS, TrainConfig
+from ..utils import Timer, manifest, write_json
 from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
+from .scan import scan_config
 
 
 def _tables() -> list:
-    from ..defenses.dvae import DVAE_PRESETS
-    from ..train import SCORING_PRESETS
-
     return [SCORING_PRESETS, DVAE_PRESETS]
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
-    from ..defenses import DEFENSES
-    from ..detect import METHODS
-    from ..models import list_models
-    from ..scan import DEFAULT_SELF_THRESHOLD, DEFAULT_SIGNALS
-
     p = sub.add_parser(name, help="flag poisoned training images (stage-1 p_hat rule)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="dataset spec (its training split is scored)")
@@ -59,8 +61,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def _params(items: list[str]) -> dict[str, object]:
-    from ..errors import UserError
-
     out: dict[str, object] = {}
     for it in items:
         k, sep, v = it.partition("=")
@@ -71,13 +71,6 @@ def _params(items: list[str]) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..detect import detect, write_scores_csv
-    from ..errors import UserError
-    from ..outputs import policy_for
-    from ..train import TrainConfig
-    from ..utils import Timer, manifest, write_json
-
     if not args.output.lower().endswith(".csv"):
         raise UserError("output must be a .csv file", args.output)
     params = _params(args.param)
@@ -88,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
     check_file_output(args.output, [args.data], args.overwrite, [ds.source])
     conf: dict[str, object] = {"data": args.data, "output": args.output, "method": args.method}
     if args.method == "signals":
-        from .scan import scan_config
-
         scfg = scan_config(args)
         with timer("detect"):
             res = detect(ds.x_train, ds.y_train, "signals", scfg, seed=args.seed, device=args.device,

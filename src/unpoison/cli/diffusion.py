@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import load_dataset
-from ..outputs import check_file_output
+from ..data import check_file_output, load_dataset
+from ..defenses.avatar import DIFFUSION_PRESETS, save_checkpoint, train_diffusion
 from ..utils import Timer, manifest, write_json
 from ._common import add_device_seed, add_overwrite, add_preset, add_quiet, announce_preset
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
-    from ..defenses.avatar import DIFFUSION_PRESETS
-
     p = sub.add_parser(name, help="train the diffusion model used by the avatar purifier", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="clean training data of the target domain (dataset spec)")
@@ -38,8 +36,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..defenses.avatar import DIFFUSION_PRESETS, save_checkpoint, train_diffusion
-
     preset = announce_preset(args, [DIFFUSION_PRESETS])
     timer = Timer()
     check_file_output(args.output, [args.data], args.overwrite)

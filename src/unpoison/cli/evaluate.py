@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import load_dataset
-from ..defenses import TRAIN_DEFENSES
+from ..data import check_file_output, load_dataset
+from ..defenses import TRAIN_DEFENSES, make_train_defense
 from ..errors import UserError
 from ..models import list_models
-from ..outputs import check_file_output, policy_for
+from ..outputs import policy_for
+from ..scoring import evaluate
 from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, write_json
 from ._common import (
@@ -56,8 +57,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
-
     timer = Timer()
     specs = [args.train, args.test]
     if args.out:
@@ -74,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     defense = None
     params = given_params(args)
     if args.train_defense:
-        from ..defenses import make_train_defense
-
         defense = make_train_defense(args.train_defense, **params)
     elif params:
         raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in params)} need --train-defense")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from importlib import import_module
 
+from ..data import DATASETS, FORMATS
+from ..models import MODELS
+from ..presets import PRESET_TABLES
+
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
     p = sub.add_parser(name, help="list datasets, formats, models, attacks and defenses", description=__doc__)
@@ -12,9 +16,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def registries() -> dict[str, object]:
-    from ..data import DATASETS, FORMATS
-    from ..models import MODELS
-
     regs: dict[str, object] = {"datasets": DATASETS, "formats": FORMATS, "models": MODELS}
     for fam, mod, attr in (("attacks", "unpoison.attacks", "ATTACKS"), ("defenses", "unpoison.defenses", "DEFENSES"),
                            ("train-time defenses", "unpoison.defenses", "TRAIN_DEFENSES")):
@@ -32,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {n:16} {reg.help(n)}")  # type: ignore[attr-defined]
     for mod in ("unpoison.train", "unpoison.bench.grid", "unpoison.defenses.avatar"):  # register their presets
         import_module(mod)
-    from ..presets import PRESET_TABLES
 
     print("presets (auto: paper on CUDA, cpu on CPU):")
     for fam in PRESET_TABLES.names():

@@ -27,8 +27,10 @@ import math
 
 from ..attacks import ATTACKS
 from ..attacks.base import NORMS
+from ..data import check_dataset_output, load_dataset
 from ..errors import UserError
-from ..outputs import check_dataset_output, report_dir
+from ..outputs import report_dir
+from ..pipeline import poison_dataset, write_poison_outputs
 from ..utils import Timer, parse_fraction
 from ._common import (
     add_device_seed,
@@ -78,9 +80,6 @@ def parse_ratio(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..pipeline import poison_dataset, write_poison_outputs
-
     timer = Timer()
     ratio = parse_ratio(args.ratio)
     if args.attack is None and args.from_perturbation is None:

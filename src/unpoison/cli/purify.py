@@ -29,6 +29,7 @@ from .. import distributed
 from ..defenses import DEFENSES
 from ..defenses.dvae import DVAE_PRESETS
 from ..errors import UserError
+from ..pipeline.jobs import PurifyJob, launch_purify_job, run_purify_job, summary_lines
 from ..presets import choose
 from ._common import (
     add_device_seed,
@@ -86,8 +87,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline.jobs import PurifyJob, launch_purify_job, run_purify_job, summary_lines
-
     cls = DEFENSES.get(args.method)
     params = given_params(args, cls.PARAMS, f"--method {args.method}")
     preset = None

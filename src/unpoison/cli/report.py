@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench import build_report
+
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
     p = sub.add_parser(name, help="tables and figures from a benchmark's results", description=__doc__)
@@ -16,8 +18,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import build_report
-
     out = build_report(args.outdir)
     print(f"wrote {out.parent}/ (report.md, index.html, tables/, figures/)")
     return 0

@@ -20,13 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..outputs import check_file_output
+from ..data import check_file_output, load_dataset
+from ..detect import DetectResult, write_scores_csv
+from ..errors import UserError
+from ..outputs import policy_for
+from ..scan import DEFAULT_SELF_THRESHOLD, DEFAULT_SIGNALS, DEFAULT_THRESHOLD, SIGNALS, ScanConfig, scan
+from ..utils import Timer, manifest, to_json, write_json
 from ._common import add_device_seed, add_overwrite, add_quiet
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | None = None) -> None:
-    from ..scan import DEFAULT_SELF_THRESHOLD, DEFAULT_SIGNALS, DEFAULT_THRESHOLD, SIGNALS
-
     p = sub.add_parser(name, help="is this dataset poisoned? (a verdict, a score and the evidence)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="dataset spec (its training split is scanned)")
@@ -52,9 +55,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str, argv: list[str] | Non
 
 def scan_config(args: argparse.Namespace) -> object:
     """The :class:`ScanConfig` the flags ask for (shared with ``detect --method signals``)."""
-    from ..errors import UserError
-    from ..scan import ScanConfig
-
     cfg = ScanConfig(self_threshold=args.threshold,
                      signals=tuple(s.strip() for s in args.signals.split(",") if s.strip()))
     if getattr(args, "null_threshold", None) is not None:
@@ -71,13 +71,6 @@ def scan_config(args: argparse.Namespace) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..detect import DetectResult, write_scores_csv
-    from ..errors import UserError
-    from ..outputs import policy_for
-    from ..scan import scan
-    from ..utils import Timer, manifest, to_json, write_json
-
     cfg = scan_config(args)
     if args.samples is not None:
         if not args.samples.lower().endswith(".csv"):

@@ -18,13 +18,15 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .._registry import Registry
 from ..errors import UserError, printable
-from ..outputs import atomic_path, guard_inputs, policy_for, recover, write_marker
+from ..outputs import atomic_path, check_output, guard_inputs, policy_for, recover, report_dir, write_marker
 from ..params import unknown
 from . import formats  # noqa: F401  (registers the formats)
 from ._format import FORMATS, DatasetFormat
+from ._limits import check_alloc
 from .dataset import ImageDataset
 from .fingerprint import content_fingerprint, dataset_fingerprint
 from .icons import load as _load_icons
@@ -117,7 +119,6 @@ def _synthetic_options(arg: str) -> dict[str, int]:
     n, classes = out.get("n", 512), out.get("classes", 4)
     if classes > n:
         raise UserError(f"synthetic data with {classes} classes needs n >= {classes}, got n={n}")
-    from ._limits import check_alloc
 
     size, c = out.get("size", 16), out.get("channels", 3)
     n_all = n + out.get("n_test", n // 4)
@@ -235,3 +236,32 @@ def save_dataset(ds: ImageDataset, path: str | Path, format: str | None = None, 
         if fmt.writes_dir:
             write_marker(tmp, "dataset", format=fmt.name)
     return path
+
+
+# --- the checks a command makes before any work (the output contract, with specs resolved) ------------------
+def check_file_output(output: str | Path, specs: list[str | None], overwrite: bool,
+                      sources: list[Any] | tuple[Any, ...] = ()) -> None:
+    """Refuse a file OUT (a CSV, a JSON record, a checkpoint) before any work (the output
+    contract of unpoison.outputs).
+
+    Called once before loading (``specs``: the input specs) and once after (``sources``: the loaded
+    datasets' resolved locations)."""
+    inputs = [spec_path(s) if s else None for s in specs] + list(sources)
+    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=False, dataset=False)
+
+
+def check_dataset_output(output: str | Path, input_spec: str, overwrite: bool, ds: Any = None,
+                         fmt: str | None = None) -> None:
+    """Refuse a dataset OUT (and its report folder) before any work (the output contract of
+    unpoison.outputs).
+
+    Called once before loading (existence, OUT = IN) and once after (``ds`` known: the output's
+    kind, file or folder, and the input's resolved location).
+    """
+    inputs = [spec_path(input_spec)] + ([ds.source] if ds is not None else [])
+    is_dir = output_format(ds, output, fmt).writes_dir if ds is not None else None
+    check_output(output, inputs=inputs, overwrite=overwrite, is_dir=is_dir)
+    rdir = report_dir(output)
+    guard_inputs(rdir, inputs)
+    if rdir.exists() and not rdir.is_dir():
+        raise UserError("exists and is not a folder (the report folder of the output)", rdir)

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import UserError
 from ._limits import check_alloc, check_compressed, check_npy_file
@@ -42,8 +43,6 @@ def load_perturbation(path: str | Path) -> np.ndarray:
             check_npy_file(path)  # header vs file size vs budget before numpy allocates the claim
             arr = np.load(path, allow_pickle=False)
         elif suffix in (".pt", ".pth"):
-            import torch
-
             _check_pt_sizes(path)
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ..accel import Accel
 from ..checkpoints import load_state, save_state
-from ..data import ImageDataset
+from ..data import ImageDataset, make_synthetic
 from ..errors import UserError
 from ..params import Param
 from ..presets import PresetTable, register_presets
@@ -168,8 +169,6 @@ def train_diffusion(ds: ImageDataset, preset: str = "toy", epochs: int | None = 
                             fused=accel.fused_adam or None)  # None: torch picks foreach, as before
     ema = None
     if cfg["ema_decay"] > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]))
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -234,8 +233,6 @@ class AvatarPurifier(Purifier):
     @classmethod
     def smoke(cls, workdir: Path, image_shape: tuple[int, int, int]) -> dict[str, Any]:
         """A toy DDPM trained for one epoch on synthetic images of ``image_shape``, denoising from t* = 2."""
-        from ..data import make_synthetic
-
         h, w, c = image_shape
         path = Path(workdir) / "avatar-smoke.pt"
         if not path.is_file():

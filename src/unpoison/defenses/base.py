@@ -1,7 +1,7 @@
 """The purifier interface (scikit-learn's shape) and the defense registries.
 
 A *purifier* is a pre-training defense: configured in ``__init__``, learned by :meth:`fit` (a no-op
-for fixed transforms such as JPEG), applied by :meth:`transform` (alias :meth:`purify`). Inputs and
+for fixed transforms such as JPEG), applied by :meth:`purify` (:meth:`fit_purify` does both). Inputs and
 outputs are uint8 ``N x H x W x C`` numpy arrays (torch tensors are accepted and converted).
 
 A *training-time defense* (adversarial training, UEraser) is a callable ``(model, x, y) -> x'``
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .._registry import Registry
-from .._validate import as_labels, as_uint8_nhwc  # noqa: F401  (re-exported)
+from .._validate import as_labels, as_uint8_nhwc
 from ..errors import UserError
 from ..params import Param, check_params
 from ..presets import show_value
@@ -51,7 +51,7 @@ class Dependency:
 class Purifier:
     """Base class. Subclasses implement ``_transform`` (and ``_fit`` when they learn something).
 
-    After :meth:`transform`, ``stages_`` holds named intermediate batches (for the image grid, e.g.
+    After :meth:`purify`, ``stages_`` holds named intermediate batches (for the image grid, e.g.
     ``{"after stage 1": x1}``), ``extras_`` holds arrays worth saving (e.g. ``{"p_hat": ...}``)
     and ``info_`` a JSON-able dict (per-stage PSNR, losses). ``tags`` says what the class can do
     (:class:`~unpoison.tags.Tags`: whether it needs ``y``, checkpoints, streams, exposes ``p_hat``).
@@ -90,7 +90,7 @@ class Purifier:
         """Raise :class:`UserError` if images of ``image_shape`` (H, W, C) cannot be purified (no data needed)."""
 
     def required_files(self) -> list[str]:
-        """Files :meth:`fit`/:meth:`transform` will read (checked before a benchmark grid starts)."""
+        """Files :meth:`fit`/:meth:`purify` will read (checked before a benchmark grid starts)."""
         return []
 
     @classmethod
@@ -106,7 +106,7 @@ class Purifier:
         self._fit(xx, yy)
         return self
 
-    def transform(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+    def purify(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
         xx = as_uint8_nhwc(x)
         yy = as_labels(y, len(xx))
         if self.tags.labels and yy is None:
@@ -115,12 +115,8 @@ class Purifier:
         assert out.dtype == np.uint8 and out.shape == xx.shape, (out.dtype, out.shape, xx.shape)
         return out
 
-    purify = transform
-
     def fit_purify(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
-        return self.fit(x, y).transform(x, y)
-
-    fit_transform = fit_purify
+        return self.fit(x, y).purify(x, y)
 
     # --- for subclasses ----------------------------------------------------------------------
     def _fit(self, x: np.ndarray, y: np.ndarray | None) -> None:

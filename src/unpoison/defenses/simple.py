@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.functional import gaussian_blur, rgb_to_grayscale
 from tqdm.auto import tqdm
 
 from ..errors import UserError
@@ -115,8 +116,6 @@ class GrayscalePurifier(_TensorPurifier):
         super().__init__(device=device, progress=progress)
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.functional import rgb_to_grayscale
-
         return rgb_to_grayscale(x, num_output_channels=x.shape[1]).contiguous()
 
 
@@ -139,8 +138,6 @@ class GaussianFilter(_TensorPurifier):
         _fits_image(self.kernel_size, x, "kernel_size", "gauss")
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.functional import gaussian_blur
-
         k = self.kernel_size
         return gaussian_blur(x, [k, k], [self.sigma, self.sigma])
 

@@ -3,7 +3,7 @@
 All three share one encoder: the first 7 conv layers of a CIFAR ResNet-18 (conv3x3 + BN + ReLU, two
 BasicBlocks ``w -> w``, one BasicBlock ``w -> 2w`` with stride 2), plus ``log2(downsample) - 1``
 extra stride-2 BasicBlocks ``2w -> 2w`` for stronger downsampling (the ImageNet preset's x0.125).
-Decoders are 4 transposed-conv layers with InstanceNorm (PAPER.md), with one extra stride-2
+Decoders are 4 transposed-conv layers with InstanceNorm (docs/design.md, "D-VAE"), with one extra stride-2
 transposed conv per extra downsampling stage. Any channel count and any image size divisible by
 ``downsample`` works. Inputs are float images in [0, 1], NCHW.
 """

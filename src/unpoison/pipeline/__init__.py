@@ -7,9 +7,10 @@ data (what each rank of a ``--nproc`` job runs) and :mod:`.measure` the one meas
 images.
 """
 
+from .jobs import purify_in_processes
 from .measure import measure_against_clean
 from .poison import poison_dataset, write_poison_outputs
-from .purify import PurifyResult, purify_dataset, purify_in_processes
+from .purify import PurifyResult, purify_dataset
 
 __all__ = ["purify_dataset", "poison_dataset", "PurifyResult", "purify_in_processes",
            "measure_against_clean", "write_poison_outputs"]

@@ -3,7 +3,7 @@ with :func:`~unpoison.pipeline.purify.purify_dataset`, measure, write the datase
 
 ``unpoison purify`` builds a job from its flags and runs it; with ``--nproc N`` (and for a benchmark cell
 given several GPUs) :func:`launch_purify_job` starts N ranks with ``torch.distributed.run``, each running
-``python -m unpoison.pipeline.jobs JOB.json``: the workers run this function, not the command line.
+``python -m unpoison.pipeline.worker JOB.json``: the workers run this function, not the command line.
 """
 
 from __future__ import annotations
@@ -11,17 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import distributed
-from ..data import ImageDataset, load_dataset, save_dataset, spec_path
+from ..data import ImageDataset, check_dataset_output, load_dataset, save_dataset, spec_path
 from ..defenses import DEFENSES, make_purifier
-from ..errors import UserError, printable
-from ..outputs import check_dataset_output, guard_inputs, report_dir
+from ..disentangle import headline, reference_problem, report_markdown, table1_check
+from ..errors import UserError, printable, run_guarded
+from ..outputs import guard_inputs, report_dir
+from ..train import SCORING_PRESETS, TrainConfig
 from ..utils import Timer, manifest, move_file_atomic, save_npy_atomic, write_json, write_text_atomic
 from ..viz import residual_image, save_image_grid
 from .purify import PurifyResult, purify_dataset
@@ -82,7 +87,7 @@ def launch_purify_job(job: PurifyJob, nproc: int) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(job.to_dict()))
     try:
-        return distributed.launch(nproc, [str(spec)], "unpoison purify", module="unpoison.pipeline.jobs")
+        return distributed.launch(nproc, [str(spec)], "unpoison purify", module="unpoison.pipeline.worker")
     finally:
         spec.unlink(missing_ok=True)
 
@@ -153,8 +158,6 @@ def _run(job: PurifyJob, ctx: distributed.DistContext, device: Any) -> PurifyRes
 # --- --reference: measure against the clean images ------------------------------------------------------------
 def _load_reference(job: PurifyJob, ds: ImageDataset, timer: Timer) -> ImageDataset:
     """CLEAN, checked against IN (count, image shape, labels, in order) before any purification starts."""
-    from ..disentangle import reference_problem
-
     with timer("load_reference"):
         ref = load_dataset(job.reference)  # type: ignore[arg-type]
     guard_inputs(job.output, [ref.source])
@@ -181,8 +184,6 @@ def _check_reference_test(job: PurifyJob, purifier: Any) -> None:
 def scoring_preset(preset: str | None, device: Any) -> str:
     """The scoring protocol's preset for the command's --preset: the same name where the scoring family has it,
     ``paper`` for a D-VAE preset it lacks (imagenet: full-size data), ``auto`` by device for methods without one."""
-    from ..train import SCORING_PRESETS
-
     if preset is None:
         return SCORING_PRESETS.resolve("auto", device)
     return SCORING_PRESETS.resolve(preset, device) if preset in SCORING_PRESETS.choices() else "paper"
@@ -191,14 +192,10 @@ def scoring_preset(preset: str | None, device: Any) -> str:
 def _reference_extras(job: PurifyJob, ds: ImageDataset, ref: ImageDataset, res: PurifyResult, timer: Timer,
                       say: Any) -> None:
     """The headline of the measurements, and with --reference-test the paper's Table 1 check."""
-    from ..disentangle import headline, table1_check
-
     rep = res.measured
     assert rep is not None
     rep["residual_grid"] = "residual.png"
     if job.reference_test and res.p_hat is not None:
-        from ..train import TrainConfig
-
         scoring = scoring_preset(job.preset, job.device)
         test = ref if ref.has_test else ds
         say(f"Table 1 check: training a classifier (scoring preset {scoring}) on clean + p_hat, scored on the "
@@ -239,8 +236,6 @@ def write_purify_outputs(job: PurifyJob, ds: ImageDataset, res: PurifyResult, rd
 
 def _write_report_md(rdir: Path, job: PurifyJob, res: PurifyResult, times: dict[str, float]) -> None:
     """``report.md``: what ran, PSNR per stage, timings and, with --reference, the measurements."""
-    from ..disentangle import report_markdown
-
     lines = [f"# unpoison purify --method {job.method}", "",
              f"- input: `{printable(job.input)}`", f"- output: `{printable(job.output)}`",
              f"- PSNR(input, output): {res.psnr_input_output:.2f} dB"]
@@ -268,8 +263,6 @@ def _write_report_md(rdir: Path, job: PurifyJob, res: PurifyResult, times: dict[
 
 def summary_lines(res: PurifyResult, job: PurifyJob) -> list[str]:
     """What the command prints at the end (the measurements first, when there are any)."""
-    from ..disentangle import headline
-
     out = []
     if res.measured is not None:
         rep = res.measured
@@ -296,10 +289,35 @@ def _fmt(v: float | None, spec: str = "{:.3f}") -> str:
     return "n/a" if v is None else spec.format(v)
 
 
-def _main(argv: list[str] | None = None) -> int:
-    """A worker rank (``python -m unpoison.pipeline.jobs JOB.json``), or with ``--nproc N`` the launcher of N."""
-    from ..cli import run_guarded
+def purify_in_processes(ds: ImageDataset, method: str, params: dict[str, Any], nproc: int, workdir: str | Path,
+                        seed: int = 0, device: str = "auto") -> PurifyResult:
+    """Purify ``ds`` with ``nproc`` data-parallel ranks on this machine (how a benchmark cell given several GPUs
+    trains on all of them): each rank runs :func:`purify_dataset` (:func:`run_purify_job`), in a child
+    process that launches them. The data goes to an ``npy`` folder in ``workdir`` and the purified images come
+    back memory-mapped. Resumable: run again, it continues from the checkpoints in ``workdir``."""
+    work = Path(workdir)
+    src, out = work / "in", work / "out"
+    save_dataset(ImageDataset(np.asarray(ds.x_train), np.asarray(ds.y_train)), src, "npy", overwrite=True)
+    job = PurifyJob(str(src), str(out), method, dict(params), seed=seed, device=str(device), quiet=True, resume=True,
+                    overwrite=True)
+    spec = work / "job.json"
+    spec.write_text(json.dumps(job.to_dict()))
+    r = subprocess.run([sys.executable, "-m", "unpoison.pipeline.worker", "--nproc", str(nproc), str(spec)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        raise RuntimeError(f"purify with {nproc} processes failed (exit {r.returncode}): {lines[-1] if lines else ''}")
+    rdir = work / "out.report"
+    stats = json.loads((rdir / "manifest.json").read_text())["stats"]
+    p_file = rdir / "p_hat.npy"  # the run's report keeps stage 1's p_hat
+    extras = {"p_hat": np.load(p_file)} if p_file.is_file() else {}
+    x = load_dataset(out, mmap=True).x_train
+    return PurifyResult(ds.replace(x_train=np.array(x)), method, dict(params), {}, extras, {},
+                        stats, stats["psnr_input_output"])
 
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """A worker rank (``python -m unpoison.pipeline.worker JOB.json``), or with ``--nproc N`` the launcher of N."""
     p = argparse.ArgumentParser(prog="unpoison-purify-worker")
     p.add_argument("job")
     p.add_argument("--nproc", type=int, default=None)
@@ -316,6 +334,3 @@ def _main(argv: list[str] | None = None) -> int:
 
     return run_guarded("unpoison purify", go)
 
-
-if __name__ == "__main__":  # pragma: no cover - run by the launcher in each rank
-    sys.exit(_main())

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..disentangle import poisoned_indices, purification_report, save_residual_grid, true_perturbation
+
 
 def measure_against_clean(x_clean: np.ndarray, x_poisoned: np.ndarray, x_out: np.ndarray,
                           stages: dict[str, np.ndarray], p_hat: np.ndarray | None, y: np.ndarray,
@@ -18,8 +20,6 @@ def measure_against_clean(x_clean: np.ndarray, x_poisoned: np.ndarray, x_out: np
     on the poisoned images alone under partial poisoning), and with ``grid`` the residual image
     (p, p_hat, p - p_hat, output - clean) of up to 8 poisoned images. ``subset``: the poisoned indices when
     known (else: the images that differ from the clean ones)."""
-    from ..disentangle import poisoned_indices, purification_report, save_residual_grid, true_perturbation
-
     rep = purification_report(x_clean, x_poisoned, x_out, stages, p_hat, y, subset=subset)
     if grid is not None:
         if subset is not None:

@@ -3,9 +3,6 @@ the ``purify`` command, the benchmark cells, the demo and the several-process wo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,33 +92,3 @@ def purify_dataset(ds: ImageDataset, method: str = "dvae", params: dict[str, Any
             res.measured = measure_against_clean(clean.x_train, ds.x_train, x_out, res.stages, res.p_hat, ds.y_train,
                                                  subset=poisoned_idx, grid=residual_grid, title=grid_title)
     return res
-
-
-def purify_in_processes(ds: ImageDataset, method: str, params: dict[str, Any], nproc: int, workdir: str | Path,
-                        seed: int = 0, device: str = "auto") -> PurifyResult:
-    """Purify ``ds`` with ``nproc`` data-parallel ranks on this machine (how a benchmark cell given several GPUs
-    trains on all of them): each rank runs :func:`purify_dataset` (:mod:`unpoison.pipeline.jobs`), in a child
-    process that launches them. The data goes to an ``npy`` folder in ``workdir`` and the purified images come
-    back memory-mapped. Resumable: run again, it continues from the checkpoints in ``workdir``."""
-    from ..data import load_dataset, save_dataset
-    from .jobs import PurifyJob
-
-    work = Path(workdir)
-    src, out = work / "in", work / "out"
-    save_dataset(ImageDataset(np.asarray(ds.x_train), np.asarray(ds.y_train)), src, "npy", overwrite=True)
-    job = PurifyJob(str(src), str(out), method, dict(params), seed=seed, device=str(device), quiet=True, resume=True,
-                    overwrite=True)
-    spec = work / "job.json"
-    spec.write_text(json.dumps(job.to_dict()))
-    r = subprocess.run([sys.executable, "-m", "unpoison.pipeline.jobs", "--nproc", str(nproc), str(spec)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        raise RuntimeError(f"purify with {nproc} processes failed (exit {r.returncode}): {lines[-1] if lines else ''}")
-    rdir = work / "out.report"
-    stats = json.loads((rdir / "manifest.json").read_text())["stats"]
-    p_file = rdir / "p_hat.npy"  # the run's report keeps stage 1's p_hat
-    extras = {"p_hat": np.load(p_file)} if p_file.is_file() else {}
-    x = load_dataset(out, mmap=True).x_train
-    return PurifyResult(ds.replace(x_train=np.array(x)), method, dict(params), {}, extras, {},
-                        stats, stats["psnr_input_output"])

@@ -4,7 +4,7 @@ labels, and the choice between the resident and the streamed path (``memory_budg
 **Larger than memory.** When a split times :attr:`AutoencoderPurifier.RESIDENT_FACTOR` does not fit the memory
 budget (``memory_budget``; see :mod:`unpoison.stream`), training reads shuffled batches from disk through a
 prefetching :class:`~unpoison.stream.StreamedSource`, and every stage writes its images into a ``.npy`` by rows
-(:mod:`.staging`); ``transform`` then returns read-only memmaps. The permutation and the batches are the same
+(:mod:`.staging`); ``purify`` then returns read-only memmaps. The permutation and the batches are the same
 as on the resident path, so the result is the same, bit for bit. **Several processes** (``dist``, from
 :func:`unpoison.distributed.init` under ``torchrun``): each stage trains data-parallel (DDP; each rank reads
 its share of every global batch of ``batch_size``), rank 0 writes the checkpoints, and inference deals whole
@@ -55,7 +55,7 @@ class AutoencoderPurifier(Purifier):
 
     COMMON = frozenset({"device", "seed", "progress", "preset"})
     tags = Tags(learns=True, checkpoint=True, streaming=True)
-    #: copies of the uint8 split the resident path holds at its peak (transform: x0..x3 on the device, two
+    #: copies of the uint8 split the resident path holds at its peak (purify: x0..x3 on the device, two
     #: stage arrays, float16 p_hat (two copies' worth) and the output on the host); measured in
     #: docs/results/stream_scale.md. A split streams when this many copies exceed the memory budget.
     RESIDENT_FACTOR = 10.0
@@ -152,11 +152,11 @@ class AutoencoderPurifier(Purifier):
         self._plan(np.asarray(x), "fit")
         return dict(self.plan_)
 
-    #: files ``transform`` writes into the work folder when streaming (removed by :meth:`close`)
+    #: files ``purify`` writes into the work folder when streaming (removed by :meth:`close`)
     OUTPUTS = ("x1", "p_hat", "x2", "purified")
 
     def close(self) -> None:
-        """Remove what streamed ``transform`` wrote (its temporary folder, or its files in the checkpoint
+        """Remove what streamed ``purify`` wrote (its temporary folder, or its files in the checkpoint
         folder); arrays it returned become invalid. Checkpoints stay."""
         self.staging.close()
 

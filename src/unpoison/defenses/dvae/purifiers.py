@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..._validate import as_labels, as_uint8_nhwc
 from ...errors import UserError
 from ...models.dvae import DVAE, BottleneckAE, RateConstrainedVAE, ae_loss, check_geometry, dvae_loss, vae_loss
+from ...scan import MIN_PER_CLASS, scan
 from ...stream import BatchSource, ResidentSource, TensorSink, open_array, shard_ranges
 from ...tensors import to_device_images
 from ..base import DEFENSES
@@ -104,8 +106,6 @@ class DVAEPurifier(AutoencoderPurifier):
 
     def fit_stage1(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> DVAEPurifier:
         """Fit stage 1 only: detection needs stage 1's ``p_hat``, at half the cost of a full fit."""
-        from ..base import as_labels, as_uint8_nhwc
-
         xx = as_uint8_nhwc(x)
         self._fit(xx, as_labels(y, len(xx)), stage1_only=True)
         return self
@@ -161,8 +161,6 @@ class DVAEPurifier(AutoencoderPurifier):
             return self.p_refit_info_["applied"]
         info: dict[str, Any] | None = None
         if self.dist.main:
-            from ...scan import MIN_PER_CLASS, scan
-
             ncls = len(np.unique(y))
             if len(x) < MIN_PER_CLASS * max(ncls, 1):
                 info = {"applied": "median", "scan": {"skipped": f"{len(x)} images for {ncls} classes (the scan "
@@ -248,8 +246,6 @@ class DVAEPurifier(AutoencoderPurifier):
     def estimate_perturbation(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
                               stage: str = "stage1") -> np.ndarray:
         """``p_hat(x)`` of a fitted stage's D-VAE (float16 NHWC, 0..255 units); detection reuses it."""
-        from ..base import as_labels, as_uint8_nhwc
-
         self._check_fitted()
         if stage not in self.models_:
             raise UserError(f"no fitted {stage} (fitted: {', '.join(self.models_)})")
@@ -266,7 +262,7 @@ class DVAEPurifier(AutoencoderPurifier):
         self._check_fitted()
         yt = self._labels(y, fitting=False)
         t0 = time.perf_counter()
-        streamed = self._plan(x, "transform")
+        streamed = self._plan(x, "purify")
         files = streamed or self.dist.active
         keep = None if not files else GRID_ROWS  # rows of each stage kept in memory for the report's grid
         self.stages_, self.extras_, self.extra_files_ = {}, {}, {}
@@ -343,7 +339,7 @@ class _ReconstructionPurifier(AutoencoderPurifier):
     def _transform(self, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         self._check_fitted()
         t0 = time.perf_counter()
-        streamed = self._plan(x, "transform")
+        streamed = self._plan(x, "purify")
         x0 = self._source(x, streamed)
         try:
             res = self._pass(self.models_[self.name], x0, None, _x_hat, {"purified": _U8}, streamed or self.dist.active,

@@ -21,8 +21,8 @@ import torch
 from ...data.rows import NpyWriter
 from ...distributed import DistContext
 from ...errors import UserError
+from ...outputs import atomic_path
 from ...stream import NpySink, Sink, TensorSink, open_array
-from ...utils import atomic_path
 
 
 class Staging:

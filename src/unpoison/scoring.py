@@ -1,4 +1,5 @@
-"""``evaluate``: score a (possibly purified) training set by clean test accuracy at the last epoch."""
+"""The scoring protocol's entry point, :func:`evaluate`: score a (possibly purified) training set by clean test
+accuracy at the last epoch (what `unpoison evaluate` and the demo report)."""
 
 from __future__ import annotations
 
