@@ -37,10 +37,6 @@ LAYERS = [
 #: imported at the top of the module, so that the import graph below is the whole truth
 OPTIONAL = {"ray", "diffusers", "matplotlib", "kornia", "scipy"}
 
-#: modules whose function-level imports other work is still removing (issue 26): bench/ (its split) and
-#: scan.py. Their imports are in the graph all the same: circles and layers are checked there too.
-_FUNCTION_IMPORTS_PENDING = ("unpoison.bench", "unpoison.scan")
-
 
 def _modules() -> dict[str, tuple[Path, bool]]:
     out = {}
@@ -191,7 +187,6 @@ def test_imports_flow_down_the_layers() -> None:
 def test_function_level_imports_are_optional_dependencies_only() -> None:
     """Imports of the project's own modules or of required packages sit at the top of the module."""
     bad = [f"{m}:{line}: {what}" for m, line, what in IN_FUNCTIONS
-           if what.lstrip(".").split(".")[0] not in OPTIONAL or what.startswith(".")
-           if not m.startswith(_FUNCTION_IMPORTS_PENDING)]
+           if what.lstrip(".").split(".")[0] not in OPTIONAL or what.startswith(".")]
     assert not bad, "imports inside functions (move them to the top):\n" + "\n".join(bad)
 

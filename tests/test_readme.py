@@ -33,6 +33,9 @@ README = ROOT / "README.md"
 SUBSTITUTIONS: list[tuple[str, str, str]] = [
     ("make demo", 'make -n -C "$REPO" demo', "dry run: the demo takes minutes and installs a venv"),
     ("make test", 'make -n -C "$REPO" test', "dry run: the test suite itself (it would recurse)"),
+    ("evaluate clean.npz --preset cpu ", "evaluate clean.npz --preset cpu --epochs 3 ",
+     "the cpu protocol trains at least 1,000 steps: 334 epochs of the 300-image stand-in"),
+    ('config=TrainConfig.preset("cpu")', 'config=TrainConfig.preset("cpu", epochs=3)', "the same, in the Python API"),
     ("purify lsp.npz clean.npz --preset cpu", "purify lsp.npz clean.npz --preset cpu --steps 20",
      "D-VAE's cpu preset trains 700 steps a stage"),
     ("lsp.npz out.npz --reference", "lsp.npz out.npz --steps 20 --reference", "the same, for --reference"),

@@ -62,8 +62,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from ._validate import as_labels, as_uint8_nhwc
 from .errors import UserError
+from .models import create_model
+from .tensors import pick_device, rng_scope, to_device_images
 
 #: the shipped null (clean statistics per geometry); written by benchmarks/calibrate_scan.py
 NULL_FILE = Path(__file__).with_name("scan_null.json")
@@ -153,8 +159,6 @@ def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def linear_signal(f: np.ndarray, y: np.ndarray, folds: tuple[np.ndarray, np.ndarray], ncls: int, steps: int,
                   seed: int) -> tuple[float, np.ndarray]:
     """Held-out accuracy (%) of a logistic regression on standardised pixels, and each sample's held-out margin."""
-    import torch
-    import torch.nn.functional as F
 
     ft = torch.from_numpy(f)
     yt = torch.from_numpy(y).long()
@@ -177,7 +181,6 @@ def linear_signal(f: np.ndarray, y: np.ndarray, folds: tuple[np.ndarray, np.ndar
 
 def _margin(out: Any, y: Any) -> np.ndarray:
     """Log-probability of the true label minus the best other one (higher: fitted more confidently)."""
-    import torch
 
     lp = torch.log_softmax(out.float(), 1)
     idx = torch.arange(len(y))
@@ -189,12 +192,6 @@ def _margin(out: Any, y: Any) -> np.ndarray:
 def cnn_signal(x: np.ndarray, y: np.ndarray, folds: tuple[np.ndarray, np.ndarray], ncls: int, cfg: ScanConfig,
                seed: int, device: str, progress: bool) -> tuple[float, np.ndarray]:
     """Held-out accuracy (%) of a small CNN trained ``cnn_epochs`` on each half, and each sample's held-out margin."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from .models import create_model
-    from .tensors import pick_device, rng_scope, to_device_images
 
     dev = pick_device(device)
     xt = to_device_images(x, dev)
@@ -349,7 +346,6 @@ def measure(x: np.ndarray, y: np.ndarray, cfg: ScanConfig | None = None, seed: i
             ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, float]]:
     """The raw signals: dataset statistics, per-sample scores, timings (s). ``x`` uint8 NHWC, ``y`` int labels.
     ``parts`` (a dict) receives what a paired spread needs: the pattern statistic per fold and class."""
-    from ._validate import as_labels, as_uint8_nhwc
 
     cfg = cfg or ScanConfig()
     x = as_uint8_nhwc(x)
@@ -524,8 +520,6 @@ def content_reference(x: np.ndarray, levels: int = REF_LEVELS) -> np.ndarray:
     averaged, resized back (bilinear) and rounded to ``levels`` grey levels per channel. A perturbation within
     an availability budget (8/255 per pixel, one pixel, small patches) does not survive both; shapes and
     colours do. No randomness."""
-    import torch
-    import torch.nn.functional as F
 
     h, w = x.shape[1:3]
     out = np.empty(x.shape, dtype=np.uint8)
@@ -627,7 +621,6 @@ def scan(x: np.ndarray, y: np.ndarray, config: ScanConfig | None = None, seed: i
 
     ``clean_reference``: a small clean labelled sample of the same kind of images (uint8 NHWC, labels in the
     same classes); it adds a test against it to the self-calibrated one. Draws no global random state."""
-    from ._validate import as_labels, as_uint8_nhwc
 
     cfg = config or ScanConfig()
     t0 = time.time()
@@ -715,7 +708,6 @@ def _check_reference(x: np.ndarray, y: np.ndarray, classes: np.ndarray, xr: Any,
                      yr: Any) -> tuple[np.ndarray, np.ndarray]:
     """A clean reference usable against ``x``: same image geometry, labels among ``x``'s classes, enough
     images per class; labels re-indexed like ``x``'s."""
-    from ._validate import as_labels, as_uint8_nhwc
 
     xr = as_uint8_nhwc(xr)
     yr = as_labels(yr, len(xr))

@@ -8,12 +8,31 @@ cannot be fetched: one line on stderr, exit 2. ``make rgb-data`` runs ``icons bu
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import UserError
-from . import icons
+from ..outputs import atomic_path
+from . import icons, save_dataset
+from .fingerprint import content_fingerprint
+
+
+def write_icons(roots: list[Path], out: Path, seed: int, overwrite: bool, progress: bool = True) -> Path:
+    """Convert ``roots`` and write ``out`` (NPZ, atomically) plus ``out`` with ``.json``: the manifest."""
+    if out.exists() and not overwrite:  # refused before a minute of converting, not after
+        raise UserError("exists; pass --overwrite to replace it", out)
+    ds, manifest = icons.convert(roots, seed=seed, progress=progress)
+    save_dataset(ds, out, format="npz", overwrite=overwrite)
+    manifest["packages"] = icons._provenance(roots)
+    manifest["sha256"] = icons._sha256(out)  # of this file (the zip's timestamps change it on a rebuild)
+    manifest["content_fingerprint"] = content_fingerprint(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
+    manifest["shape"] = {"train": list(ds.x_train.shape), "test": list(ds.x_test.shape)}  # type: ignore[union-attr]
+    side = out.with_suffix(".json")
+    with atomic_path(side, policy="internal") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{out} exists (--overwrite rebuilds it)")
             return 0
         roots = icons.fetch(a.src) if a.cmd == "build" else list(a.roots)
-        icons.write(roots, out, a.seed, a.overwrite)
+        write_icons(roots, out, a.seed, a.overwrite)
         print(f"wrote {out} (manifest {out.with_suffix('.json')})")
         return 0
     except UserError as e:

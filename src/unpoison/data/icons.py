@@ -38,14 +38,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from ..errors import UserError, check_seed, printable
-
-if TYPE_CHECKING:
-    from .dataset import ImageDataset
+from ._format import FORMATS
+from .dataset import ImageDataset
 
 #: the Debian packages the set is built from (PNG themes; SVG-only themes need a rasteriser we avoid)
 PACKAGES = ("oxygen-icon-theme", "gnome-icon-theme", "mate-icon-theme", "faenza-icon-theme",
@@ -103,8 +103,6 @@ def _theme_of(path: Path, root: Path) -> tuple[str, tuple[str, ...]]:
 
 
 def _header(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.size
@@ -173,8 +171,6 @@ def select_variants(entries: list[Entry], max_variants: int = MAX_VARIANTS) -> l
 
 def to_rgb32(path: Path, size: int = SIZE, background: tuple[int, int, int] = BACKGROUND) -> np.ndarray:
     """``path`` as ``size x size x 3`` uint8: alpha composited on ``background``, padded square, Lanczos."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             if max(im.size) > MAX_SIDE:
@@ -299,10 +295,6 @@ def _cap(labels: np.ndarray, groups: Sequence[str], cap: int, seed: int) -> np.n
 def convert(roots: Iterable[str | Path], seed: int = 0, test_fraction: float = 1 / 6, cap: int | None = 1200,
             progress: bool = True) -> tuple[ImageDataset, dict[str, object]]:
     """The ``icons`` dataset from extracted theme trees: (ImageDataset, manifest of what was done)."""
-    from tqdm.auto import tqdm
-
-    from .dataset import ImageDataset
-
     seed = check_seed(seed)
     if not 0 < test_fraction < 1:
         raise UserError(f"test fraction must be in (0, 1), got {test_fraction}")
@@ -399,8 +391,6 @@ def find_converted() -> Path:
 
 def load(arg: str = "") -> ImageDataset:
     """The registered ``icons`` dataset: ``icons`` (the cache) or ``icons:PATH`` (a converted NPZ)."""
-    from ._format import FORMATS
-
     path = Path(arg).expanduser() if arg else find_converted()
     if not path.is_file():
         raise UserError("no such file", path)
@@ -463,26 +453,4 @@ def _provenance(roots: list[Path]) -> list[dict[str, object]]:
                 out.append({"package": r.name})
         else:
             out.append({"folder": str(r)})
-    return out
-
-
-def write(roots: list[Path], out: Path, seed: int, overwrite: bool, progress: bool = True) -> Path:
-    """Convert ``roots`` and write ``out`` (NPZ, atomically) plus ``out`` with ``.json``: the manifest."""
-    from . import save_dataset
-
-    if out.exists() and not overwrite:  # refused before a minute of converting, not after
-        raise UserError("exists; pass --overwrite to replace it", out)
-    ds, manifest = convert(roots, seed=seed, progress=progress)
-    save_dataset(ds, out, format="npz", overwrite=overwrite)
-    manifest["packages"] = _provenance(roots)
-    manifest["sha256"] = _sha256(out)  # of this file (the zip's timestamps change it on a rebuild)
-    from .fingerprint import content_fingerprint
-
-    manifest["content_fingerprint"] = content_fingerprint(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
-    manifest["shape"] = {"train": list(ds.x_train.shape), "test": list(ds.x_test.shape)}  # type: ignore[union-attr]
-    from ..outputs import atomic_path
-
-    side = out.with_suffix(".json")
-    with atomic_path(side, policy="internal") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     return out
