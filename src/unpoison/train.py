@@ -85,7 +85,8 @@ class TrainConfig:
 
     @classmethod
     def preset(cls, name: str = "paper", **overrides: object) -> TrainConfig:
-        """``paper`` (ResNet-18, 60 epochs), ``cpu`` (smallcnn, 15 epochs), ``smoke`` (tinycnn, 3), or ``auto``;
+        """``paper`` (ResNet-18, 60 epochs), ``cpu`` (smallcnn, 15 epochs, at least 1,000 steps), ``smoke`` (tinycnn,
+        3), or ``auto``;
         ``overrides`` (None = keep the preset's) must be fields of this class."""
         table = SCORING_PRESETS.values(name, overrides)
         if overrides.get("epochs") is not None and overrides.get("min_steps") is None:
