@@ -608,3 +608,35 @@ def test_report_number_formatter() -> None:
     assert mean_text([0.25, None, float("nan")], pct=True, finite_only=True) == "25.0%"
     assert mean_text([None], finite_only=True) == "-"
     assert mean_text([float("inf"), float("inf")], finite_only=True) == "inf"
+
+
+def test_paired_resolution_by_hand() -> None:
+    """Two rows of seeds are resolved when the paired mean difference exceeds 2 standard errors (hand-computed)."""
+    from unpoison.bench.table import mean_text, resolved
+
+    assert mean_text([1.0, 3.0], count=True) == "2.00 ± 1.00 (2)" and mean_text([1.0], count=True) == "1.00"
+    # differences 1, 1.2, 0.8: mean 1.0, sample std 0.2, se 0.2/sqrt(3) = 0.115 -> 1.0 > 0.23: resolved
+    a, b = {0: 90.0, 1: 88.2, 2: 89.8}, {0: 89.0, 1: 87.0, 2: 89.0}
+    assert resolved(a, b) is True
+    # differences 1, -1.2, 0.8: mean 0.2, sample std 1.22, se 0.70 -> not resolved, although each row's mean differs
+    assert resolved({0: 90.0, 1: 85.8, 2: 89.8}, b) is False
+    assert resolved({0: 90.0}, {0: 80.0}) is None  # one shared seed: no spread to judge by
+    assert resolved({0: 90.0, 1: 91.0}, {2: 80.0, 3: 81.0}) is None  # no shared seed
+
+
+def test_pivot_marks_cells_not_resolved_from_the_rows_best() -> None:
+    """The attack x defense pivot shows mean ± std (seeds) and marks what the seeds cannot tell from the best."""
+    from unpoison.bench.table import pivot
+
+    def cell(attack: str, defense: str, seed: int, acc: float) -> dict:
+        return {"config": {"attack": attack, "defense": defense, "seed": seed}, "status": "done",
+                "results": {"final_acc": acc}}
+
+    cells = [cell("em", "dvae", s, v) for s, v in enumerate([88.0, 87.0, 88.5])]
+    cells += [cell("em", "bdr", s, v) for s, v in enumerate([87.9, 86.8, 88.6])]  # paired diffs .1 .2 -.1
+    cells += [cell("em", "none", s, v) for s, v in enumerate([20.0, 25.0, 22.0])]
+    t = pivot(cells, "attack", "defense")
+    row = dict(zip(t.header, t.rows[0]))
+    assert row["dvae"] == "87.83 ± 0.62 (3)"  # the best: never marked
+    assert row["bdr"].endswith(" ≈") and not row["none"].endswith("≈")
+    assert "not resolved" in t.note

@@ -384,3 +384,69 @@ def test_cpu_and_thorough_presets_refit_p_hat() -> None:
     cpu, th = DVAEConfig.preset("cpu"), DVAEConfig.preset("thorough")
     assert cpu.p_refit == th.p_refit == "auto" and DVAEConfig.preset("paper").p_refit == "none"
     assert (th.steps, th.kld_limit2, th.width, th.width1) == (2100, 1.5, 8, 16)
+
+
+def _gate_purifier() -> tuple[DVAEPurifier, torch.nn.Module]:
+    from unpoison.defenses.dvae.purifiers import TabledDVAE
+
+    pur = DVAEPurifier(**TINY, subtract_gate="probe")
+    pur._start_fit()
+    pur.subtract_, pur.gate_info_ = {}, {}
+    return pur, TabledDVAE(1, 16, 4, 4, 8, 2, p_input="class")
+
+
+def test_subtraction_gate_keeps_a_subtraction_that_removes_a_class_pattern() -> None:
+    """A table equal to the planted class-wise poison: subtracting it leaves images with no class signal, so the
+    probe falls from near 100 % toward chance and the gate keeps the subtraction."""
+    from unpoison.stream import ResidentSource
+
+    clean, pattern, x0, y = _poisoned(n=400)
+    pur, model = _gate_purifier()
+    table = np.stack([pattern[y == c][0] for c in range(4)]).transpose(0, 3, 1, 2) / 255.0
+    model.set_class_perturbations(torch.tensor(table, dtype=torch.float32))
+    src = ResidentSource(torch.from_numpy(x0).permute(0, 3, 1, 2).contiguous())
+    assert pur._gate("stage1", model, src, torch.from_numpy(y)) is True
+    info = pur.gate_info_["stage1"]
+    assert info["probe_before"] > 90 and info["probe_after"] < 50 and info["images"] == 400
+
+
+def test_subtraction_gate_refuses_to_plant_a_class_pattern_on_clean_images() -> None:
+    """The same table on the clean images (no poison to remove): the subtraction would plant it, the probe rises
+    from chance to near 100 %, and the gate keeps the images as they are; ``subtract_gate="none"`` (the paper)
+    subtracts regardless."""
+    from unpoison.stream import ResidentSource
+
+    clean, pattern, _, y = _poisoned(n=400)
+    clean_u8 = np.clip(np.rint(clean), 0, 255).astype(np.uint8)
+    pur, model = _gate_purifier()
+    table = np.stack([pattern[y == c][0] for c in range(4)]).transpose(0, 3, 1, 2) / 255.0
+    model.set_class_perturbations(torch.tensor(table, dtype=torch.float32))
+    src = ResidentSource(torch.from_numpy(clean_u8).permute(0, 3, 1, 2).contiguous())
+    assert pur._gate("stage1", model, src, torch.from_numpy(y)) is False
+    info = pur.gate_info_["stage1"]
+    assert info["probe_before"] < 50 and info["probe_after"] > 90
+    pur.config.subtract_gate = "none"
+    assert pur._gate("stage2", model, src, torch.from_numpy(y)) is True and "stage2" not in pur.gate_info_
+
+
+def test_subtraction_gate_decisions_reach_the_output() -> None:
+    """End to end: every stage's decision is recorded, and a refused stage-1 subtraction leaves stage 1's output
+    equal to the input images."""
+    clean, _, x0, y = _poisoned(n=128)
+    pur = DVAEPurifier(**TINY, epochs=1, subtract_gate="probe", seed=0)
+    pur.fit_purify(x0, y)
+    gates = pur.info_["subtract_gate"]
+    assert set(gates) == {"stage1", "stage2"} and all("probe_after" in g for g in gates.values())
+    after1 = pur.stages_["after stage 1"]
+    assert (np.array_equal(after1, x0)) == (not gates["stage1"]["kept"])
+
+
+def test_a_gate_that_keeps_every_subtraction_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe draws no random state: where the gate keeps both subtractions, the output is the paper's."""
+    _, _, x0, y = _poisoned(n=96)
+    monkeypatch.setattr(DVAEPurifier, "GATE_TOLERANCE", 1e9)
+    gated = DVAEPurifier(**TINY, epochs=1, subtract_gate="probe", seed=3)
+    out = gated.fit_purify(x0, y)
+    assert all(g["kept"] for g in gated.info_["subtract_gate"].values())
+    plain = DVAEPurifier(**TINY, epochs=1, subtract_gate="none", seed=3).fit_purify(x0, y)
+    assert np.array_equal(out, plain)

@@ -179,6 +179,17 @@ def linear_signal(f: np.ndarray, y: np.ndarray, folds: tuple[np.ndarray, np.ndar
     return 100.0 * correct / len(y), margin
 
 
+def probe_accuracy(x: np.ndarray, y: np.ndarray, steps: int = 100, seed: int = 0) -> float:
+    """How easily ``x`` (uint8 NHWC) gives away its labels: the held-out accuracy (%) of the scan's linear model
+    (two folds). Availability poisons are, by design, easier than their content; a change that raises it made
+    the images easier in the same way (the D-VAE's subtraction gate, :mod:`unpoison.defenses.dvae`)."""
+    classes, yy = np.unique(np.asarray(y), return_inverse=True)
+    f = np.asarray(x).reshape(len(x), -1).astype(np.float32) / 255.0
+    fs = (f - f.mean(0)) / (f.std() + 1e-8)
+    with torch.enable_grad():  # callers may run under no_grad; the probe is trained here
+        return linear_signal(fs, yy, _halves(len(yy), seed), len(classes), steps, seed)[0]
+
+
 def _margin(out: Any, y: Any) -> np.ndarray:
     """Log-probability of the true label minus the best other one (higher: fitted more confidently)."""
 

@@ -126,7 +126,7 @@ def efficacy_table(cells: list[dict[str, Any]], title: str) -> Table:
 
 def _m(vals: list[Any], digits: int = 3, pct: bool = False) -> str:
     """A measurement's mean over seeds (non-finite values left out; "-" for none)."""
-    return mean_text(vals, digits, pct, finite_only=True)
+    return mean_text(vals, digits, pct, finite_only=True, count=True)
 
 
 def _measure_axes(cells: list[dict[str, Any]]) -> list[str]:

@@ -66,6 +66,10 @@ class DVAEConfig:
                         methods=("dvae", "vae"))
     limit_channels: int = _f(3, "the channel count the KLD limits are stated for (rate_rule=channels; the paper's "
                              "limits: 3-channel images)", 1, 1024, methods=("dvae", "vae"))
+    subtract_gate: str = _f("none", "probe: keep a stage's class-wise subtraction only where it does not make the "
+                            "images easier for a linear probe (on clean data the subtraction invents a class-wise "
+                            "pattern, a shortcut); none: always subtract (the paper)", choices=("none", "probe"),
+                            methods=("dvae",))
     p_cap: float = _f(0.0, "> 0: add max(mean(p_hat^2), p_cap) (the release: 0.002); 0 = off", 0, methods=("dvae",))
     skip_stage1: bool = _f(False, "ablation (Table 6): purify with stage 2 only", methods=("dvae",))
     stage2_subtract: bool = _f(True, "ablation (Table 6): false -> x3 = x_hat(x1), no subtraction in stage 2",
@@ -127,9 +131,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "imagenet": {"downsample1": 8, "kld_limit1": 1.5, "epochs": 20},
     "cpu": {"width": 8, "width1": 16, "latent": 32, "steps": 700, "batch_size": 64, "kld_limit1": 0.5,
-            "kld_weight1": 0.05, "p_refit": "auto"},
+            "kld_weight1": 0.05, "p_refit": "auto", "subtract_gate": "probe"},
     "thorough": {"width": 8, "width1": 16, "latent": 32, "steps": 2100, "batch_size": 64, "kld_limit1": 0.5,
-                 "kld_weight1": 0.05, "kld_limit2": 1.5, "p_refit": "auto"},
+                 "kld_weight1": 0.05, "kld_limit2": 1.5, "p_refit": "auto", "subtract_gate": "probe"},
 }
 
 DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(CONFIG_PARAMS),
