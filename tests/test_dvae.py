@@ -386,26 +386,28 @@ def test_cpu_and_thorough_presets_refit_p_hat() -> None:
     assert (th.steps, th.kld_limit2, th.width, th.width1) == (2100, 1.5, 8, 16)
 
 
-def _gate_purifier() -> tuple[DVAEPurifier, torch.nn.Module]:
+def _gate_case(poisoned: bool) -> tuple[DVAEPurifier, torch.nn.Module, object, torch.Tensor]:
+    """A gate-ready purifier, a TabledDVAE whose table is the planted class-wise pattern, and the images as a
+    source: the poisoned ones (the table removes the pattern) or the clean ones (the table would plant it)."""
     from unpoison.defenses.dvae.purifiers import TabledDVAE
+    from unpoison.stream import ResidentSource
 
+    clean, pattern, x0, y = _poisoned(n=400)
+    images = x0 if poisoned else np.clip(np.rint(clean), 0, 255).astype(np.uint8)
     pur = DVAEPurifier(**TINY, subtract_gate="probe")
     pur._start_fit()
     pur.subtract_, pur.gate_info_ = {}, {}
-    return pur, TabledDVAE(1, 16, 4, 4, 8, 2, p_input="class")
+    model = TabledDVAE(1, 16, 4, 4, 8, 2, p_input="class")
+    table = np.stack([pattern[y == c][0] for c in range(4)]).transpose(0, 3, 1, 2) / 255.0
+    model.set_class_perturbations(torch.tensor(table, dtype=torch.float32))
+    return pur, model, ResidentSource(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()), torch.from_numpy(y)
 
 
 def test_subtraction_gate_keeps_a_subtraction_that_removes_a_class_pattern() -> None:
     """A table equal to the planted class-wise poison: subtracting it leaves images with no class signal, so the
     probe falls from near 100 % toward chance and the gate keeps the subtraction."""
-    from unpoison.stream import ResidentSource
-
-    clean, pattern, x0, y = _poisoned(n=400)
-    pur, model = _gate_purifier()
-    table = np.stack([pattern[y == c][0] for c in range(4)]).transpose(0, 3, 1, 2) / 255.0
-    model.set_class_perturbations(torch.tensor(table, dtype=torch.float32))
-    src = ResidentSource(torch.from_numpy(x0).permute(0, 3, 1, 2).contiguous())
-    assert pur._gate("stage1", model, src, torch.from_numpy(y)) is True
+    pur, model, src, y = _gate_case(poisoned=True)
+    assert pur._gate("stage1", model, src, y) is True
     info = pur.gate_info_["stage1"]
     assert info["probe_before"] > 90 and info["probe_after"] < 50 and info["images"] == 400
 
@@ -414,19 +416,12 @@ def test_subtraction_gate_refuses_to_plant_a_class_pattern_on_clean_images() -> 
     """The same table on the clean images (no poison to remove): the subtraction would plant it, the probe rises
     from chance to near 100 %, and the gate keeps the images as they are; ``subtract_gate="none"`` (the paper)
     subtracts regardless."""
-    from unpoison.stream import ResidentSource
-
-    clean, pattern, _, y = _poisoned(n=400)
-    clean_u8 = np.clip(np.rint(clean), 0, 255).astype(np.uint8)
-    pur, model = _gate_purifier()
-    table = np.stack([pattern[y == c][0] for c in range(4)]).transpose(0, 3, 1, 2) / 255.0
-    model.set_class_perturbations(torch.tensor(table, dtype=torch.float32))
-    src = ResidentSource(torch.from_numpy(clean_u8).permute(0, 3, 1, 2).contiguous())
-    assert pur._gate("stage1", model, src, torch.from_numpy(y)) is False
+    pur, model, src, y = _gate_case(poisoned=False)
+    assert pur._gate("stage1", model, src, y) is False
     info = pur.gate_info_["stage1"]
     assert info["probe_before"] < 50 and info["probe_after"] > 90
     pur.config.subtract_gate = "none"
-    assert pur._gate("stage2", model, src, torch.from_numpy(y)) is True and "stage2" not in pur.gate_info_
+    assert pur._gate("stage2", model, src, y) is True and "stage2" not in pur.gate_info_
 
 
 def test_subtraction_gate_decisions_reach_the_output() -> None:
