@@ -101,17 +101,30 @@ class ParametrisedEM(EM):
         return self.surrogate_loss(model, theta.detach(), idx)
 
     def minimize_noise(self, model: nn.Module, theta: torch.Tensor) -> torch.Tensor:
-        """``pgd_steps`` sign steps on ``theta``, each from the gradient summed over every batch."""
+        """``pgd_steps`` sign steps on ``theta``, each from the gradient summed over every batch; a bar with the
+        loss of the last step."""
         model.eval()
         step = self.step_size()
+        batches = list(self.batches(shuffle=False))
+        bar = self.bar(self.params["pgd_steps"] * len(batches), "noise steps")
         for _ in range(self.params["pgd_steps"]):
             t = theta.detach().requires_grad_(True)
             grad = torch.zeros_like(theta)
-            for idx in self.batches(shuffle=False):
-                (g,) = torch.autograd.grad(self.surrogate_loss(model, t, idx), t)
+            tot = 0.0
+            for idx in batches:
+                loss = self.surrogate_loss(model, t, idx)
+                (g,) = torch.autograd.grad(loss, t)
                 grad += g
+                tot += float(loss.detach()) * len(idx)
+                bar.update(1)
+            bar.set_postfix(loss=f"{tot / len(self.x):.4f}", **self.bar_extra())
             theta = self.project_theta(theta - step * grad.sign())
+        bar.close()
         return theta.detach()
+
+    def bar_extra(self) -> dict[str, object]:
+        """More numbers for the noise-step bar."""
+        return {}
 
     @torch.no_grad()
     def _eval(self, model: nn.Module, theta: torch.Tensor | None, labels: torch.Tensor | None) -> tuple[float, float]:

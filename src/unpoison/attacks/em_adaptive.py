@@ -27,7 +27,6 @@ on two cores within an hour (D-VAE ``cpu`` widths, 300 steps a stage, a refit ev
 
 from __future__ import annotations
 
-import math
 import pkgutil
 import time
 from typing import Any, ClassVar
@@ -44,21 +43,24 @@ from ..errors import UserError
 from ..models import dvae as dvae_models
 from ..params import Param
 from ..scan import scan
-from ._parametrised import ParametrisedEM, st_levels
+from ._parametrised import st_levels
 from .base import quantize, register_attack
 from .em import EM
+from .em_smooth import EMSmooth
 
 _STAGES = ("stage1", "stage2")
 
 
 @register_attack("em-adaptive", "error-minimizing noise crafted through a D-VAE refitted on the poison (l_inf 8/255)")
-class EMAdaptive(ParametrisedEM):
+class EMAdaptive(EMSmooth):
     norm = "linf"
     norms = ("linf",)
     default_eps: ClassVar[dict[str, float]] = {"linf": 8 / 255}
     SMOKE: ClassVar[dict[str, Any]] = {**EM.SMOKE, "dvae_width": 4, "dvae_steps": 1}
     PARAMS: ClassVar[dict[str, Param]] = {
-        **EM.PARAMS,
+        **EMSmooth.PARAMS,
+        "grid": Param(int, 1, "cell side in pixels of the grid the noise is given on, bilinearly upsampled (1: one "
+                              "value a pixel, EM's noise; 4: em-smooth's)", low=1),
         "dvae_preset": Param(str, "paper", "the D-VAE preset the attacker assumes (architecture and rate)"),
         "dvae_steps": Param(int, 4000, "optimizer steps a stage of each attacker's D-VAE (0: the preset's own)", low=0),
         "dvae_width": Param(int, 0, "D-VAE width of both stages (0: the preset's)", low=0),
@@ -68,7 +70,8 @@ class EMAdaptive(ParametrisedEM):
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
-        "cpu": {**EM.PRESETS["cpu"], "rounds": 16, "dvae_preset": "cpu", "dvae_steps": 300, "refresh": 4},
+        "cpu": {**EM.PRESETS["cpu"], "rounds": 15, "pgd_steps": 8, "step_frac": 0.25, "dvae_preset": "cpu",
+                "dvae_steps": 300, "refresh": 3},
     }
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"rounds", "stop_acc"})
 
@@ -126,6 +129,8 @@ class EMAdaptive(ParametrisedEM):
             x_p = np.pad(x_p, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
         pur = self.new_purifier(self.fits_)
         pur.fit(x_p, self.y_np)
+        #: the last fitted purifier (its ``purify`` is what :meth:`purify` differentiates)
+        self.purifier_ = pur
         self.set_models({k: pur.models_[k] for k in _STAGES if k in pur.models_})
         self.dvae_round_, self.fits_ = self.round_, self.fits_ + 1
         losses = {k: round(h[-1]["psnr"], 2) for k, h in pur.history_.items() if h}
@@ -154,9 +159,6 @@ class EMAdaptive(ParametrisedEM):
         return x[..., :xp.shape[-2], :xp.shape[-1]]
 
     # --- the min-min through the purifier ------------------------------------------------------------
-    def init_theta(self) -> torch.Tensor:
-        return super(ParametrisedEM, self).init_delta()  # EM's: uniform in the box, pixels kept in [0, 1]
-
     def seen(self, xp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.purify(xp, self.y[idx])
 
@@ -171,32 +173,18 @@ class EMAdaptive(ParametrisedEM):
         return super().train_loss(model, idx, theta)
 
     def minimize_noise(self, model: nn.Module, theta: torch.Tensor) -> torch.Tensor:
-        """EM's noise step (sample-wise: ``pgd_steps`` projected sign steps a batch), through the purifier; a bar
-        a round with the loss on the purified images."""
         self.refresh(theta)
-        model.eval()
-        step = self.step_size()
-        bar = self.bar(math.ceil(len(self.x) / self.params["batch_size"]), f"round {self.round_ + 1} noise")
-        theta = theta.clone()
-        for idx in self.batches(shuffle=False):
-            xb, db = self.x[idx], theta[idx]
-            for _ in range(self.params["pgd_steps"]):
-                db.requires_grad_(True)
-                loss = self.loss_on(model, xb + db, idx)
-                (g,) = torch.autograd.grad(loss, db)
-                db = self.pgd_step(db.detach(), g, xb, step, descend=True)
-            theta[idx] = db.detach()
-            bar.update(1)
-            if self.params["pgd_steps"]:
-                bar.set_postfix(purified_loss=f"{float(loss.detach()):.3f}", dvae_fits=self.fits_)
-        bar.close()
+        theta = super().minimize_noise(model, theta)
         self.round_ += 1
         return theta
 
-    def expand(self, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return theta[idx]
+    def bar_extra(self) -> dict[str, object]:
+        return {"dvae_fits": self.fits_}
 
     def after_rounds(self, theta: torch.Tensor) -> None:
+        super().after_rounds(theta)
+        acc, loss = self._eval(self.surrogate_, torch.zeros_like(theta), None)  # the clean images, purified
+        self.info_.update({"surrogate_loss_purified_clean": loss, "surrogate_acc_purified_clean": acc})
         self.info_.update({"dvae_fits": self.dvae_info_, "dvae_preset": self.params["dvae_preset"],
                            "knowledge": "D-VAE code, architecture, preset and rate; not the defender's seed"})
 

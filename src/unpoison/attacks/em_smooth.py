@@ -43,6 +43,7 @@ class EMSmooth(ParametrisedEM):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "cpu": dict(EM.PRESETS["cpu"])}
 
     def grid_shape(self) -> tuple[int, int]:
+        """(gh, gw): the coarse grid's size (the image's own with ``grid`` 1)."""
         _, _, h, w = self.x.shape
         return math.ceil(h / self.params["grid"]), math.ceil(w / self.params["grid"])
 
