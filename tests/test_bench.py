@@ -254,6 +254,21 @@ def test_smoke_preset_of_table2_runs(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "index.html").exists()
 
 
+@pytest.mark.slow
+def test_smoke_preset_of_adaptive_runs(tmp_path: Path) -> None:
+    """Issue 25's grid end to end at its smoke size: the purification-aware attacks (em-adaptive with its own
+    D-VAE) x every defense, the report with the stage-by-stage tables (about 45 s on one thread)."""
+    assert main(["bench", "adaptive", str(tmp_path), "--preset", "smoke", "--quiet", "--report"]) == 0
+    r = Store.open_existing(tmp_path)
+    try:
+        assert r.status_counts()["done"] == 5 * 7
+        attacks = {row["config"]["attack"]["name"] for row in r.rows()}
+    finally:
+        r.close()
+    assert attacks == {"none", "em", "em-smooth", "colorshift", "em-adaptive"}
+    assert "Every stage against the clean images" in (tmp_path / "report" / "report.md").read_text()
+
+
 # --- every kind, the multi-process executor, content keys, plugins, the check, the report's escaping --------
 TINY = "synthetic:n=48,size=8,channels=3,classes=4,seed=0"
 

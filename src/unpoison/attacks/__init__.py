@@ -1,7 +1,9 @@
-"""The paper's eight availability poisons behind one registry (``make_attack(name).poison(x, y)``).
+"""Availability poisons behind one registry (``make_attack(name).poison(x, y)``): the paper's eight and three
+purification-aware ones.
 
 em, rem, tap, sep, ntga (surrogate-based, l_inf 8/255), lsp, ar (synthetic, l2 1.0 at CIFAR size),
-ops (one pixel, l0). See :mod:`unpoison.attacks.base` for the bounds and how they are verified.
+ops (one pixel, l0); em-smooth, colorshift, em-adaptive (l_inf 8/255, made to survive a purifier; em-adaptive
+is crafted through a D-VAE). See :mod:`unpoison.attacks.base` for the bounds and how they are verified.
 Every module of this package is imported here and registers itself: a new attack is one new module.
 """
 
