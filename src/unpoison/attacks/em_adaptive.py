@@ -9,7 +9,8 @@ ICML 2018, for what is not differentiable):
 
     x0 = q(x + delta)                      q: clamp to [0, 1] and round to whole grey levels (straight-through)
     x1 = q(x0 - p_hat1(x0))                stage 1's subtraction (a class-wise p_hat: a constant per class)
-    x2 = q(x1 - p_hat2(x1))                stage 2's subtraction
+    x2 = q(x1 - p_hat2(x1))                stage 2's subtraction (each skipped where the fitted D-VAE's
+                                           subtraction gate refused it, as the defense then does)
     x3 = q(x_hat2(x2))                     stage 2's reconstruction: the image the victim trains on
 
 ``plain_weight`` > 0 adds that much of EM's own loss on the unpurified image (to both steps), so one poison
@@ -108,6 +109,9 @@ class EMAdaptive(EMSmooth):
         #: bottom / right padding that makes the images fit the D-VAE's downsampling (edge values)
         self.pad_ = (-h % m, -w % m)
         self.subtract2_ = cfg.stage2_subtract
+        #: the fitted D-VAE's subtraction-gate decisions (``subtract_gate``): the attacker's purification skips
+        #: what the defense's would skip
+        self.gate_: dict[str, bool] = {}
         self.dvae_: dict[str, nn.Module] = {}
         self.dvae_round_ = -1
         self.fits_ = 0
@@ -131,6 +135,7 @@ class EMAdaptive(EMSmooth):
         pur.fit(x_p, self.y_np)
         #: the last fitted purifier (its ``purify`` is what :meth:`purify` differentiates)
         self.purifier_ = pur
+        self.gate_ = dict(getattr(pur, "subtract_", {}))
         self.set_models({k: pur.models_[k] for k in _STAGES if k in pur.models_})
         self.dvae_round_, self.fits_ = self.round_, self.fits_ + 1
         losses = {k: round(h[-1]["psnr"], 2) for k, h in pur.history_.items() if h}
@@ -151,7 +156,7 @@ class EMAdaptive(EMSmooth):
         x = st_levels(x)
         for stage in _STAGES:
             m = self.dvae_.get(stage)
-            if m is None or (stage == "stage2" and not self.subtract2_):
+            if m is None or (stage == "stage2" and not self.subtract2_) or not self.gate_.get(stage, True):
                 continue
             p = m.perturbation(y) if m.p_input == "class" else m(x, y)["p_hat"]
             x = st_levels(x - p)
@@ -191,7 +196,8 @@ class EMAdaptive(EMSmooth):
     # --- checkpoints: the attacker's D-VAE travels with the round's state ------------------------------
     def save_ckpt(self, state: dict[str, Any]) -> None:
         dv = {k: m.state_dict() for k, m in self.dvae_.items()}
-        super().save_ckpt({**state, "dvae": dv, "dvae_round": self.dvae_round_, "dvae_fits": self.fits_})
+        super().save_ckpt({**state, "dvae": dv, "dvae_round": self.dvae_round_, "dvae_fits": self.fits_,
+                           "dvae_gate": self.gate_})
 
     def load_ckpt(self) -> dict[str, Any] | None:
         state = super().load_ckpt()
@@ -209,6 +215,7 @@ class EMAdaptive(EMSmooth):
             m.load_state_dict(sd)
             models[k] = m
         self.set_models(models)
+        self.gate_ = {str(k): bool(v) for k, v in state.get("dvae_gate", {}).items()}
         self.round_ = int(state["round"])
         self.dvae_round_, self.fits_ = int(state["dvae_round"]), int(state["dvae_fits"])
         return state
