@@ -367,7 +367,7 @@ def test_rate_rule_scales_limits_by_channels() -> None:
     x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
     y = np.arange(32) % 4
     pur = make_purifier("dvae", preset="cpu", epochs=1, width=4, width1=4, latent=4, rate_rule="channels",
-                        progress=False)
+                        limit_channels=3, progress=False)
     pur.fit_purify(x, y)
     assert pur.info_["kld_limits"] == pytest.approx({"stage1": 0.5 / 3, "stage2": 1.0})
     with pytest.raises(UserError, match="rate_rule"):
@@ -378,6 +378,52 @@ def test_rate_rule_scales_limits_by_channels() -> None:
     assert one.limit_for(1.5, 4) == pytest.approx(6.0)
     with pytest.raises(UserError, match="limit_channels"):
         DVAEConfig.preset("paper", limit_channels=0)
+
+
+def test_width_rule_scales_widths_by_channels() -> None:
+    """width_rule=channels: width, width1 and latent x k, the smallest whole k with k^2 >= C / limit_channels (a
+    conv layer's parameters grow with width^2); images with no more channels than stated keep the widths."""
+    one = DVAEConfig.preset("paper", width_rule="channels", limit_channels=1, width=8, width1=16, latent=32)
+    assert [one.width_scale(c) for c in (1, 2, 3, 4, 5, 9, 10)] == [1, 2, 2, 2, 3, 3, 4]
+    assert one.widths_for(1) == (8, 16, 32) and one.widths_for(3) == (16, 32, 64)
+    three = DVAEConfig.preset("paper", width_rule="channels")  # stated for 3 channels: the paper's
+    assert [three.width_scale(c) for c in (1, 3, 4, 12, 13)] == [1, 1, 2, 2, 3]
+    assert three.widths_for(4) == (128, 128, 512)  # width1 = 0 means width
+    fixed = DVAEConfig.preset("paper", width=8, width1=16, latent=32)
+    assert fixed.width_scale(3) == 1 and fixed.widths_for(3) == (8, 16, 32)
+    with pytest.raises(UserError, match="width_rule"):
+        DVAEConfig.preset("cpu", width_rule="pixels")
+    # a fit builds what the rule says: widths in its info, and the encoders' first layers that wide
+    x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(32) % 4
+    pur = make_purifier("dvae", preset="cpu", epochs=1, width=2, width1=3, latent=4, width_rule="channels",
+                        limit_channels=1, progress=False)
+    pur.fit_purify(x, y)
+    assert pur.info_["widths"] == {"stage1": 6, "stage2": 4, "latent": 8}
+    convs = {k: next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+             for k, net in pur.models_.items()}
+    assert {k: c.out_channels for k, c in convs.items()} == {"stage1": 6, "stage2": 4}
+    grey = make_purifier("dvae", preset="cpu", epochs=1, width=2, width1=3, latent=4, width_rule="channels",
+                         limit_channels=1, progress=False)
+    grey.fit_purify(x[..., :1], y)
+    assert grey.info_["widths"] == {"stage1": 3, "stage2": 2, "latent": 4}
+
+
+def test_cpu_presets_state_their_geometry_for_one_channel() -> None:
+    """cpu / thorough were chosen on grey images: on 1 channel they build exactly what they were chosen with (a
+    fit equals the same preset with both rules fixed, bit for bit); on 3 channels limits x3 and widths x2."""
+    for name in ("cpu", "thorough"):
+        cfg = DVAEConfig.preset(name)
+        assert cfg.widths_for(1) == (8, 16, 32) and cfg.widths_for(3) == (16, 32, 64)
+        assert cfg.limit_for(cfg.kld_limit1, 1) == 0.5 and cfg.limit_for(cfg.kld_limit1, 3) == pytest.approx(1.5)
+        assert cfg.limit_for(cfg.kld_limit2, 3) == pytest.approx(3 * cfg.kld_limit2)
+    assert DVAEConfig.preset("paper").widths_for(3) == (64, 64, 256)  # the paper's stay as published
+    x = np.random.default_rng(1).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
+    y = np.arange(32) % 4
+    small = {"preset": "cpu", "epochs": 1, "width": 2, "width1": 3, "latent": 4, "progress": False}
+    ruled = make_purifier("dvae", **small).fit_purify(x, y)
+    fixed = make_purifier("dvae", rate_rule="fixed", width_rule="fixed", **small).fit_purify(x, y)
+    assert np.array_equal(ruled, fixed)
 
 
 def test_cpu_and_thorough_presets_refit_p_hat() -> None:

@@ -64,8 +64,12 @@ class DVAEConfig:
     rate_rule: str = _f("fixed", "fixed: KLD limits as given; channels: limits x C / limit_channels (the same nats "
                         "per pixel value on images of any channel count)", choices=("fixed", "channels"),
                         methods=("dvae", "vae"))
-    limit_channels: int = _f(3, "the channel count the KLD limits are stated for (rate_rule=channels; the paper's "
-                             "limits: 3-channel images)", 1, 1024, methods=("dvae", "vae"))
+    limit_channels: int = _f(3, "the channel count the KLD limits (and, under width_rule=channels, the widths) are "
+                             "stated for (the paper's: 3-channel images)", 1, 1024, methods=("dvae", "vae"))
+    width_rule: str = _f("fixed", "fixed: widths and latent as given; channels: width, width1 and latent x "
+                         "ceil(sqrt(C / limit_channels)) (a conv layer's parameters grow with width^2, so at least "
+                         "the same parameters per pixel value on images of more channels)",
+                         choices=("fixed", "channels"), methods=("dvae", "vae"))
     subtract_gate: str = _f("none", "probe: keep a stage's class-wise subtraction only where it does not make the "
                             "images easier for a linear probe (on clean data the subtraction invents a class-wise "
                             "pattern, a shortcut); none: always subtract (the paper)", choices=("none", "probe"),
@@ -104,6 +108,20 @@ class DVAEConfig:
         ``channels`` scales it to the same nats per pixel value (paper limits on 1-channel images: a third)."""
         return limit * channels / self.limit_channels if self.rate_rule == "channels" else limit
 
+    def width_scale(self, channels: int) -> int:
+        """The factor :attr:`width_rule` applies to ``width``, ``width1`` and ``latent`` on ``channels``-channel
+        images: 1 unless ``channels`` exceeds :attr:`limit_channels`; then ``ceil(sqrt(C / limit_channels))``, the
+        smallest whole factor whose square (a conv layer's parameters) is at least the channel ratio."""
+        k = 1
+        while self.width_rule == "channels" and k * k * self.limit_channels < channels:
+            k += 1
+        return k
+
+    def widths_for(self, channels: int) -> tuple[int, int, int]:
+        """(width, stage-1 width, latent) as built for ``channels``-channel images under :attr:`width_rule`."""
+        k = self.width_scale(channels)
+        return self.width * k, (self.width1 or self.width) * k, self.latent * k
+
     def check(self) -> None:
         """Every field against its declared type and range (one-line :class:`UserError`)."""
         for k, prm in CONFIG_PARAMS.items():
@@ -127,13 +145,18 @@ def method_params(method: str) -> dict[str, Param]:
 #: final residual (``p_refit``) unless the poison scan calls the set clean (``auto``: the refit raised every
 #: poison's accuracy and cost the clean set about a point). ``thorough``: the best this project measured on a
 #: 2-core CPU (about 3x the cpu preset's time). Frontier and per-attack numbers: docs/results/frontier/.
+#: ``cpu`` and ``thorough`` were chosen on 1-channel images: their limits and widths are stated for one channel
+#: and follow the channel count (KLD limits x C, widths and latent x ceil(sqrt(C)): on RGB x3 and x2), so grey
+#: images get exactly the numbers they were chosen with (docs/results/rgb-geometry.md).
+_GREY: dict[str, Any] = {"rate_rule": "channels", "width_rule": "channels", "limit_channels": 1}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "imagenet": {"downsample1": 8, "kld_limit1": 1.5, "epochs": 20},
     "cpu": {"width": 8, "width1": 16, "latent": 32, "steps": 700, "batch_size": 64, "kld_limit1": 0.5,
-            "kld_weight1": 0.05, "p_refit": "auto", "subtract_gate": "probe"},
+            "kld_weight1": 0.05, "p_refit": "auto", "subtract_gate": "probe", **_GREY},
     "thorough": {"width": 8, "width1": 16, "latent": 32, "steps": 2100, "batch_size": 64, "kld_limit1": 0.5,
-                 "kld_weight1": 0.05, "kld_limit2": 1.5, "p_refit": "auto", "subtract_gate": "probe"},
+                 "kld_weight1": 0.05, "kld_limit2": 1.5, "p_refit": "auto", "subtract_gate": "probe", **_GREY},
 }
 
 DVAE_PRESETS = register_presets(PresetTable("dvae", PRESETS, keys=frozenset(CONFIG_PARAMS),

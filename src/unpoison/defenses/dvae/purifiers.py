@@ -95,8 +95,9 @@ class DVAEPurifier(AutoencoderPurifier):
     def _make(self, stage: int, c: int, hw: tuple[int, int]) -> Callable[[], nn.Module]:
         cfg = self.config
         d = cfg.downsample1 if stage == 1 else cfg.downsample2
-        width = (cfg.width1 or cfg.width) if stage == 1 else cfg.width
-        return lambda: TabledDVAE(c, hw, self.num_classes_, width, cfg.latent, d, p_input=cfg.p_input,
+        width2, width1, latent = cfg.widths_for(c)
+        width = width1 if stage == 1 else width2
+        return lambda: TabledDVAE(c, hw, self.num_classes_, width, latent, d, p_input=cfg.p_input,
                             embedding=cfg.embedding, embed_std=cfg.embed_std)
 
     def _loss(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -125,6 +126,8 @@ class DVAEPurifier(AutoencoderPurifier):
         self.kld_limits_ = {"stage2": cfg.limit_for(cfg.kld_limit2, c)}
         if not cfg.skip_stage1:
             self.kld_limits_ = {"stage1": cfg.limit_for(cfg.kld_limit1, c), **self.kld_limits_}
+        #: the widths and latent channels as built for these images (after ``width_rule``)
+        self.widths_ = dict(zip(("stage2", "stage1", "latent"), cfg.widths_for(c), strict=True))
         streamed = self._plan(x, "fit")
         x0 = x1 = self._source(x, streamed)
         #: per stage, whether its subtraction is applied (``subtract_gate``), and the probe's numbers
@@ -359,6 +362,7 @@ class DVAEPurifier(AutoencoderPurifier):
                 s.close()
         self.info_ = {"psnr_db": psnrs, **self._info(t0), "preset": self.params.get("preset"),
                       "kld_limits": dict(getattr(self, "kld_limits_", {})),
+                      "widths": dict(getattr(self, "widths_", {})),
                       "p_refit": dict(getattr(self, "p_refit_info_", {})),
                       "subtract_gate": dict(getattr(self, "gate_info_", {})),
                       "p_hat_units": "0..255 pixel units (float16 NHWC)"}
@@ -422,7 +426,8 @@ class VAEPurifier(_ReconstructionPurifier):
 
     def _build(self, c: int, hw: tuple[int, int]) -> nn.Module:
         cfg = self.config
-        return RateConstrainedVAE(c, hw, cfg.width, cfg.latent, cfg.downsample)
+        width, _, latent = cfg.widths_for(c)
+        return RateConstrainedVAE(c, hw, width, latent, cfg.downsample)
 
     def _limit(self, channels: int = 3) -> float:
         return self.config.limit_for(self.config.kld_limit, channels)
