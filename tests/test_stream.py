@@ -227,6 +227,7 @@ def test_streamed_output_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path:
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", _LIMITED.format(400 << 10), "purify", str(src), str(out), "--method",
                         "dvae", "--preset", "cpu", "--width", "4", "--width1", "4", "--latent", "4", "--epochs", "1",
+                        "--width-rule", "fixed",  # widths as given on these RGB images: the checkpoints fit
                         "--device", "cpu", "--quiet", "--memory-budget", "1k"], env=_env(), capture_output=True,
                        text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
